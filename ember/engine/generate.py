@@ -1,0 +1,252 @@
+"""`Engine.generate`: batched prompts x n candidates, each prompt prefilled once and shared by its candidates."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from ember.engine.cache import KVCache
+from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, sample
+from ember.engine.timers import StageTimer
+from ember.errors import GenerationError
+
+if TYPE_CHECKING:
+    from ember.models.decoder import DecoderLM
+
+
+@dataclass
+class Completion:
+    """One candidate: tokens (a stop token is kept), text (cut before any stop string), per-token logprobs."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens)
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The n candidates of one prompt, with the seed that produced them."""
+
+    prompt_token_ids: list[int]
+    seed: int
+    completions: list[Completion]
+
+
+@dataclass
+class GenerationResult:
+    """All requests' outputs and the stage timing breakdown in seconds (prefill / decode / sampling / total)."""
+
+    outputs: list[RequestOutput]
+    timings: dict[str, float]
+    prompt_tokens: int  # real prompt tokens prefilled (once per prompt, not per candidate)
+    generated_tokens: int
+    batches: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second of decode+sampling time."""
+        busy = self.timings["decode"] + self.timings["sampling"]
+        return self.generated_tokens / busy if busy > 0 else float("nan")
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+
+
+class _Candidate:
+    """Host-side state of one row while decoding."""
+
+    def __init__(self, index: int, params: SamplingParams, stop_ids: frozenset[int]):
+        self.index, self.params, self.stop_ids = index, params, stop_ids
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+        self.text: str | None = None  # set when a stop string cut it
+        self._checked = 0  # text length already searched for stop strings
+
+    def push(self, token: int, logprob: float, top: dict[int, float] | None, tokenizer) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if top is not None:
+            self.top.append(top)
+        steps, params = len(self.tokens), self.params
+        if token in self.stop_ids and steps > params.min_tokens:
+            self.finish_reason = "stop"
+        elif params.stop and steps > params.min_tokens and self._hit_stop_string(tokenizer):
+            self.finish_reason = "stop"
+        elif steps >= params.max_tokens:
+            self.finish_reason = "length"
+
+    def _hit_stop_string(self, tokenizer) -> bool:
+        text = tokenizer.decode(self.tokens)
+        begin = max(0, self._checked - max(len(s) for s in self.params.stop) + 1)
+        hits = [i for i in (text.find(s, begin) for s in self.params.stop) if i >= 0]
+        self._checked = len(text)
+        if hits:
+            self.text = text[:min(hits)]
+        return bool(hits)
+
+    def result(self, tokenizer) -> Completion:
+        text = self.text
+        if text is None:
+            text = tokenizer.decode(self.tokens) if tokenizer is not None else ""
+        return Completion(self.index, self.tokens, text, self.logprobs, self.finish_reason or "length",
+                          self.top if self.params.logprobs else None)
+
+
+class Engine:
+    """Generation over an ember decoder. The model keeps no state; each batch owns one `KVCache`."""
+
+    def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.progress = progress
+
+    @classmethod
+    def load(cls, spec: str, dtype="float32", device="cpu", seed: int = 0, **kwargs) -> "Engine":
+        """An engine over `ember.models.load(spec, ...)`; the weights' provenance is kept on `.provenance`."""
+        from ember.models import load
+
+        loaded = load(spec, dtype=dtype, device=device, seed=seed)
+        engine = cls(loaded.model, loaded.tokenizer, **kwargs)
+        engine.provenance = loaded.provenance
+        return engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.output_weight.dtype
+
+    @torch.inference_mode()
+    def generate(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool | None = None) -> GenerationResult:
+        """Generate `n` candidates for each prompt (text, or a list of token ids).
+
+        `sampling` is one SamplingParams for all prompts or a list with one per prompt. Prompts are batched
+        up to `max_batch_size` rows (prompts x n); each prompt is prefilled once per batch and its K/V shared
+        by its candidates. Returns outputs in prompt order with a stage timing breakdown.
+        """
+        requests = self._requests(prompts, n, sampling)
+        timer = StageTimer(self.device)
+        per_batch = max(1, self.max_batch_size // n)
+        batches = [requests[i:i + per_batch] for i in range(0, len(requests), per_batch)]
+        show = self.progress if progress is None else progress
+        total_steps = sum(max(r.params.max_tokens for r in batch) for batch in batches)
+        began = time.perf_counter()
+        outputs = []
+        with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
+                  leave=False) as bar:
+            for batch in batches:
+                outputs.extend(self._run_batch(batch, n, timer, bar))
+        timings = timer.totals()
+        timings["total"] = time.perf_counter() - began
+        generated = sum(len(c.token_ids) for out in outputs for c in out.completions)
+        return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, len(batches))
+
+    def _requests(self, prompts, n: int, sampling) -> list[_Request]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            raise GenerationError("prompts: expected a list of prompts (strings or token-id lists), found one prompt")
+        if not isinstance(n, int) or n < 1:
+            raise GenerationError(f"n: expected an integer >= 1, found {n!r}")
+        if not prompts:
+            raise GenerationError("prompts: expected at least one prompt, found an empty list")
+        if sampling is None or isinstance(sampling, SamplingParams):
+            params = [sampling or SamplingParams()] * len(prompts)
+        elif len(sampling) == len(prompts):
+            params = list(sampling)
+        else:
+            raise GenerationError(f"sampling: expected one SamplingParams or {len(prompts)}, found {len(sampling)}")
+        vocab = self.model.config.vocab_size
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise GenerationError("prompts: this model has no tokenizer; pass token-id lists, found text")
+                prompt = self.tokenizer.encode(prompt)
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise GenerationError(f"prompt {i}: expected at least one token, found none")
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise GenerationError(f"prompt {i}: token ids must be in [0, {vocab}), found {min(prompt)}..{max(prompt)}")
+            if p.stop and self.tokenizer is None:
+                raise GenerationError("SamplingParams.stop: stop strings need a tokenizer; this model has none")
+            seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
+            requests.append(_Request(prompt, p, seed))
+        return requests
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+        return frozenset(params.stop_token_ids) | frozenset(eos)
+
+    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar) -> list[RequestOutput]:
+        device, vocab = self.device, self.model.config.vocab_size
+        prompt_len = max(len(r.prompt) for r in requests)
+        max_new = max(r.params.max_tokens for r in requests)
+        pad = 0 if self.tokenizer is None or self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        ids = torch.full((len(requests), prompt_len), pad, dtype=torch.long)  # (P, T) left-padded
+        valid = torch.zeros((len(requests), prompt_len), dtype=torch.bool)
+        for i, r in enumerate(requests):
+            ids[i, prompt_len - len(r.prompt):] = torch.tensor(r.prompt)
+            valid[i, prompt_len - len(r.prompt):] = True
+        rows = [(r.params, candidate_seed(r.seed, j)) for r in requests for j in range(n)]
+        candidates = [_Candidate(j, r.params, self._stop_ids(r.params)) for r in requests for j in range(n)]
+        knobs = RowKnobs.build(rows, device)
+        banned = self._min_token_bans(candidates, vocab, device)
+        cache = KVCache(self.model.config, len(rows), prompt_len + max_new, self.dtype, device)
+
+        with timer.stage("prefill"):
+            logits = self.model(ids.to(device), cache, valid.to(device), last_only=True)[:, -1]  # (P, V)
+            logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
+        for step in range(max_new):
+            with timer.stage("sampling"):
+                ban = banned if banned is not None and step < max(c.params.min_tokens for c in candidates) else None
+                if ban is not None:
+                    ban = ban & torch.tensor([step < c.params.min_tokens for c in candidates], device=device)[:, None]
+                drawn = sample(logits, knobs, step, banned=ban)
+                tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()
+                tops = _top_dicts(drawn)
+            for row, cand in enumerate(candidates):
+                if cand.finish_reason is None:
+                    cand.push(tokens[row], logprobs[row], tops[row] if tops else None, self.tokenizer)
+            bar.update(1)
+            if all(c.finish_reason is not None for c in candidates):
+                bar.update(max_new - step - 1)
+                break
+            with timer.stage("decode"):
+                logits = self.model(drawn.tokens[:, None], cache)[:, -1]  # (B, V)
+        return [RequestOutput(r.prompt, r.seed, [c.result(self.tokenizer) for c in candidates[i * n:(i + 1) * n]])
+                for i, r in enumerate(requests)]
+
+    @staticmethod
+    def _min_token_bans(candidates: list[_Candidate], vocab: int, device) -> torch.Tensor | None:
+        """(B, V) mask of stop tokens that rows may not draw before their min_tokens, or None if unused."""
+        if not any(c.params.min_tokens and c.stop_ids for c in candidates):
+            return None
+        banned = torch.zeros(len(candidates), vocab, dtype=torch.bool)
+        for row, cand in enumerate(candidates):
+            if cand.params.min_tokens:
+                banned[row, [t for t in cand.stop_ids if t < vocab]] = True
+        return banned.to(device)
+
+
+def _top_dicts(drawn) -> list[dict[int, float]] | None:
+    if drawn.top_ids is None:
+        return None
+    return [dict(zip(ids, lps)) for ids, lps in zip(drawn.top_ids.tolist(), drawn.top_logprobs.tolist())]

@@ -1,0 +1,25 @@
+"""Exception families, one per subsystem, so callers can catch exactly what they expect."""
+
+
+class EmberError(Exception):
+    """Base class of every error ember raises on purpose."""
+
+
+class ModelLoadError(EmberError):
+    """A model spec could not be resolved, read or built."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint uses a family or feature the ember decoder does not implement."""
+
+
+class GenerationError(EmberError):
+    """Bad arguments to generation (prompts, sampling parameters, batch sizes)."""
+
+
+class ParamsError(EmberError):
+    """A params file, profile or override does not validate."""
+
+
+class ReportError(EmberError):
+    """A run directory, manifest or generated file cannot be written or read."""

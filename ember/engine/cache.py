@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ember.errors import GenerationError
-from ember.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ember.models.config import ModelConfig
 
 
 class KVCache:

@@ -1,0 +1,50 @@
+# ember: every figure/table is a parameterized notebook run headlessly by papermill.
+#   make all                      every figure at the default profile
+#   make fig2 PROFILE=paper P='repeats=5'
+#   make test                     pytest + nbval (smoke profile)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+P ?=
+FIGURES := fig2
+TEST_OUT := $(CURDIR)/.test-out
+
+.PHONY: setup all test bench lab clean help targets $(FIGURES)
+
+help:
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup all $(FIGURES) test bench lab clean"
+
+$(VENV)/.setup-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+all: $(FIGURES)
+
+fig% tab%: setup
+	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)"
+
+targets: setup
+	$(PY) -m ember.cli targets
+
+test: setup
+	rm -rf $(TEST_OUT)
+	EMBER_OUT_ROOT=$(TEST_OUT) $(PY) -m pytest tests notebooks --nbval-lax \
+		--sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+bench: setup
+	$(PY) -m ember.cli bench generate --out reports/bench/generate_cpu.json
+
+lab: setup
+	$(PY) -m pip install --quiet -e '.[lab]'
+	$(VENV)/bin/jupyter lab --notebook-dir=$(CURDIR)
+
+clean:
+	rm -rf reports figures paper/generated $(TEST_OUT) .pytest_cache

@@ -1,0 +1,77 @@
+"""`ember` command line: run figures headlessly, show resolved params, run benchmarks.
+
+  ember targets                                   list figure/table targets and their profiles
+  ember params fig2 --profile default --set 'repeats=5'   print the validated parameters
+  ember figure fig2 --profile default --set '...'  execute notebooks/fig2_*.ipynb with papermill
+  ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ember.errors import EmberError
+
+
+def _targets(args) -> int:
+    from ember.params import PARAMS_DIR, read_params_file
+
+    for path in sorted(PARAMS_DIR.glob("*.yaml")):
+        raw = read_params_file(path.stem)
+        print(f"{path.stem:6s} {raw['experiment']:16s} profiles: {', '.join(raw['profiles'])}")
+    return 0
+
+
+def _params(args) -> int:
+    from ember.params import load_params
+
+    params = load_params(args.target, args.profile, args.set)
+    print(json.dumps(dataclasses.asdict(params), indent=2))
+    return 0
+
+
+def _figure(args) -> int:
+    from ember.notebooks import run_notebook
+
+    path = run_notebook(args.target, args.profile, args.set or "")
+    print(f"executed notebook: {path}")
+    return 0
+
+
+def _bench(args) -> int:
+    from ember.bench.generate import main as bench_generate
+
+    return bench_generate(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("targets", help="list targets").set_defaults(func=_targets)
+    for name, func, helptext in (("params", _params, "print resolved parameters"),
+                                 ("figure", _figure, "execute a target's notebook headlessly")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("target", help="e.g. fig2")
+        p.add_argument("--profile", default="default", choices=("smoke", "default", "paper"))
+        p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
+        p.set_defaults(func=func)
+    p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EmberError as error:
+        print(f"ember: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""One module per figure/table; each has a frozen `Params` dataclass and `run(params) -> DataFrame`."""
+
+from __future__ import annotations
+
+import importlib
+
+from ember.errors import ParamsError
+
+EXPERIMENTS = {"prefill_share": "ember.experiments.prefill_share"}
+
+
+def experiment_module(name: str):
+    """The module implementing an experiment, by its name in a params file."""
+    if name not in EXPERIMENTS:
+        raise ParamsError(f"experiment: expected one of {sorted(EXPERIMENTS)}, found {name!r}")
+    return importlib.import_module(EXPERIMENTS[name])

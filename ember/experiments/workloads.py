@@ -1,0 +1,19 @@
+"""Synthetic token workloads for timing experiments (content does not matter, lengths do)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_prompts(vocab_size: int, count: int, length: int, seed: int, reserved: int = 4) -> list[list[int]]:
+    """`count` prompts of exactly `length` token ids drawn from [reserved, vocab) (skipping special ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(reserved, vocab_size, (count, length), generator=generator)
+    return ids.tolist()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

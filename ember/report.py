@@ -1,0 +1,171 @@
+"""Run outputs: atomic writes, manifests (params, versions, device, git SHA, timings, provenance), LaTeX macros.
+
+Everything is written to a temporary file in the destination folder and renamed into place, so a crashed run
+never leaves a file that looks finished. The output root is the repository, or `$EMBER_OUT_ROOT` (tests point
+it at a scratch folder so they never overwrite real results).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ember.errors import ReportError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_DIGITS = ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"]
+
+
+def output_root() -> Path:
+    return Path(os.environ.get("EMBER_OUT_ROOT", REPO_ROOT))
+
+
+def report_dir(target: str) -> Path:
+    return output_root() / "reports" / target
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write bytes or text to `path` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig, target: str) -> list[Path]:
+    """Save a matplotlib figure as figures/<target>.pdf and .png (atomically)."""
+    paths = []
+    for ext in ("pdf", "png"):
+        path = output_root() / "figures" / f"{target}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target}.", suffix=f".{ext}", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=200, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(path)
+    return paths
+
+
+def git_state() -> dict:
+    """Commit SHA of the repository and whether the tree had uncommitted changes ('unknown' outside git)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return {"sha": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": "unknown", "dirty": None}
+
+
+def device_info(device: str = "cpu") -> dict:
+    """What ran the numbers: the GPU name, or the CPU model and thread count."""
+    import torch
+
+    info = {"device": str(device), "torch_threads": torch.get_num_threads(), "machine": platform.machine()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    try:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        info["cpu"] = models[0] if models else platform.processor()
+        info["cpu_count"] = len(models) or os.cpu_count()
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("ember", "torch", "transformers", "pandas", "numpy", "seaborn", "papermill"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build_manifest(params, provenance: dict, timings: dict, device: str, extra: dict | None = None) -> dict:
+    """The manifest of a run: what was asked, with what code and weights, on what, and how long it took."""
+    return {
+        "target": params.target,
+        "profile": params.profile,
+        "params": dataclasses.asdict(params),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(),
+        "versions": versions(),
+        "device": device_info(device),
+        "weights": provenance,
+        "timings_s": timings,
+        **(extra or {}),
+    }
+
+
+def write_results(target: str, df, manifest: dict) -> dict[str, Path]:
+    """Write reports/<target>/results.csv, then manifest.json (last: its presence marks a finished run)."""
+    folder = report_dir(target)
+    csv = atomic_write(folder / "results.csv", df.to_csv(index=False))
+    man = atomic_write(folder / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    return {"results": csv, "manifest": man}
+
+
+def macro_name(*parts) -> str:
+    """A LaTeX command name from parts: words in camelCase, digits spelled out.
+
+    macro_name("fig2", "prefill share", "ctx", 2048) -> "figTwoPrefillShareCtxTwoZeroFourEight".
+    """
+    name = ""
+    for part in parts:
+        for word in str(part).replace("-", " ").replace("_", " ").replace(".", " ").split():
+            spelled = "".join(_DIGITS[int(ch)] if ch.isdigit() else ch for ch in word if ch.isalnum())
+            name += spelled[:1].upper() + spelled[1:] if name else spelled
+    if not name or not name.isalpha() or not name.isascii():
+        raise ReportError(f"macro name: expected ASCII letters or digits in {parts!r}, found {name!r}")
+    return name
+
+
+def write_macros(target: str, values: dict[str, float | int | str], digits: int = 1) -> Path:
+    """paper/generated/<target>.tex: one \\newcommand per value (numbers rounded to `digits`)."""
+    lines = [f"% generated by ember for {target}; do not edit\n"]
+    for name, value in values.items():
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ReportError(f"macro {name}: expected a finite number, found {value}")
+            value = f"{value:.{digits}f}"
+        lines.append(f"\\newcommand{{\\{name}}}{{{value}}}\n")
+    return atomic_write(output_root() / "paper" / "generated" / f"{target}.tex", "".join(lines))
+
+
+def publish(params, df, provenance: dict, timings: dict, fig=None, macros: dict | None = None,
+            extra: dict | None = None) -> dict[str, Path]:
+    """Write every output of a figure run: results.csv + manifest.json, figures/<target>.pdf|png, macros."""
+    manifest = build_manifest(params, provenance, timings, provenance.get("device", "cpu"), extra)
+    paths = {}
+    if fig is not None:
+        paths["figures"] = save_figure(fig, params.target)
+    if macros:
+        paths["macros"] = write_macros(params.target, macros)
+    paths.update(write_results(params.target, df, manifest))
+    return paths

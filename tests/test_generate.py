@@ -1,0 +1,167 @@
+"""Engine.generate behaviour: cache vs recompute, seeds, candidates, stops, filters, errors."""
+
+import math
+
+import pytest
+import torch
+
+from ember.engine import Engine, SamplingParams
+from ember.errors import GenerationError
+from ember.models import load
+
+PROMPTS = ["The code for Alice is 4821.", "Hello", "A much longer prompt that needs left padding in a batch"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    loaded = load("tiny-llama")
+    return Engine(loaded.model, loaded.tokenizer)
+
+
+def test_cached_decode_equals_full_recompute(family):
+    loaded = load(family)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    result = engine.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=1.0, max_tokens=24, seed=3,
+                                                                      ignore_eos=True))
+    for out in result.outputs:
+        for cand in out.completions:
+            sequence = torch.tensor([out.prompt_token_ids + cand.token_ids])
+            logprobs = torch.log_softmax(loaded.model.full_logits(sequence).float(), -1)[0]
+            start = len(out.prompt_token_ids) - 1
+            reference = logprobs[start:-1].gather(-1, sequence[0, start + 1:, None])[:, 0]
+            assert (torch.tensor(cand.logprobs) - reference).abs().max().item() < 1e-5
+
+
+def test_same_seed_same_samples_regardless_of_batch(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], n=3, sampling=params)
+    batched = engine.generate(PROMPTS, n=3, sampling=params)
+    again = engine.generate(PROMPTS, n=3, sampling=params)
+    first = [c.token_ids for c in alone.outputs[0].completions]
+    assert first == [c.token_ids for c in batched.outputs[0].completions]
+    assert [c.token_ids for o in batched.outputs for c in o.completions] == \
+        [c.token_ids for o in again.outputs for c in o.completions]
+    other = engine.generate([PROMPTS[0]], n=3, sampling=SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20,
+                                                                       seed=1235, ignore_eos=True))
+    assert first != [c.token_ids for c in other.outputs[0].completions]
+
+
+def test_unset_seed_is_reported_and_reproduces(engine):
+    result = engine.generate([PROMPTS[1]], n=2, sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+    seed = result.outputs[0].seed
+    again = engine.generate([PROMPTS[1]], n=2, sampling=SamplingParams(max_tokens=8, ignore_eos=True, seed=seed))
+    assert [c.token_ids for c in again.outputs[0].completions] == [c.token_ids for c in result.outputs[0].completions]
+
+
+def test_candidates_are_independent_samples_from_the_model(engine):
+    """n candidates share one prefill but draw independently: first tokens follow the model's distribution."""
+    n = 512
+    result = engine.generate([PROMPTS[0]], n=n, sampling=SamplingParams(temperature=1.0, max_tokens=1, seed=7,
+                                                                         ignore_eos=True))
+    firsts = [c.token_ids[0] for c in result.outputs[0].completions]
+    assert len(set(firsts)) > 5
+    ids = torch.tensor([result.outputs[0].prompt_token_ids])
+    probs = torch.softmax(engine.model.full_logits(ids)[0, -1].float(), -1)
+    counts = torch.bincount(torch.tensor(firsts), minlength=probs.numel()).float()
+    expected = probs * n
+    keep = expected >= 5  # chi-square over well-populated tokens, the rest pooled
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expect = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = ((observed - expect) ** 2 / expect.clamp(min=1e-9)).sum().item()
+    dof = int(keep.sum())
+    assert chi2 < dof + 6 * math.sqrt(2 * dof) + 10  # far beyond the 99.9th percentile for these dof
+
+
+def test_shared_prefill_matches_separate_prompts(engine):
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    shared = engine.generate(PROMPTS, n=4, sampling=greedy)
+    single = engine.generate(PROMPTS, n=1, sampling=greedy)
+    for many, one in zip(shared.outputs, single.outputs):
+        for cand in many.completions:
+            assert cand.token_ids == one.completions[0].token_ids
+            assert cand.logprobs == pytest.approx(one.completions[0].logprobs, abs=1e-5)
+
+
+def test_micro_batches_give_the_same_outputs():
+    loaded = load("tiny-qwen3")
+    params = SamplingParams(temperature=0.8, max_tokens=12, seed=5, ignore_eos=True)
+    big = Engine(loaded.model, loaded.tokenizer).generate(PROMPTS, n=2, sampling=params)
+    small = Engine(loaded.model, loaded.tokenizer, max_batch_size=2).generate(PROMPTS, n=2, sampling=params)
+    assert small.batches == 3
+    for a, b in zip(big.outputs, small.outputs):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+
+
+def test_stop_strings_cut_text_and_tokens(engine):
+    base = SamplingParams(temperature=1.0, max_tokens=40, seed=11, ignore_eos=True)
+    full = engine.generate([PROMPTS[0]], sampling=base).outputs[0].completions[0]
+    stop = full.text[10:12]
+    cut_at = full.text.index(stop)
+    cut = engine.generate([PROMPTS[0]], sampling=SamplingParams(**{**base.__dict__, "stop": (stop, "never-seen")}))
+    cand = cut.outputs[0].completions[0]
+    assert cand.finish_reason == "stop"
+    assert cand.text == full.text[:cut_at]
+    assert cand.token_ids == full.token_ids[:cut_at + len(stop)]  # tokens up to the one completing the stop
+
+
+def test_stop_token_ids_and_min_tokens(engine):
+    base = SamplingParams(temperature=1.0, max_tokens=30, seed=2, ignore_eos=True)
+    full = engine.generate([PROMPTS[1]], sampling=base).outputs[0].completions[0]
+    stop_id = full.token_ids[5]
+    first = full.token_ids.index(stop_id)
+    stopped = engine.generate([PROMPTS[1]], sampling=SamplingParams(**{**base.__dict__, "stop_token_ids": (stop_id,)}))
+    cand = stopped.outputs[0].completions[0]
+    assert cand.finish_reason == "stop" and cand.token_ids == full.token_ids[:first + 1]
+    late = engine.generate([PROMPTS[1]], sampling=SamplingParams(**{**base.__dict__, "stop_token_ids": (stop_id,),
+                                                                    "min_tokens": 20}))
+    assert stop_id not in late.outputs[0].completions[0].token_ids[:20]
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+
+
+def test_top_k_and_top_p_restrict_the_support(engine):
+    ids = torch.tensor([engine.tokenizer.encode(PROMPTS[0])])
+    probs = torch.softmax(engine.model.full_logits(ids)[0, -1].float(), -1)
+    top3 = set(probs.topk(3).indices.tolist())
+    result = engine.generate([PROMPTS[0]], n=64, sampling=SamplingParams(top_k=3, max_tokens=1, seed=0,
+                                                                          ignore_eos=True))
+    assert {c.token_ids[0] for c in result.outputs[0].completions} <= top3
+    ordered = probs.sort(descending=True).values
+    nucleus = int((ordered.cumsum(0) - ordered < 0.5).sum())
+    allowed = set(probs.topk(nucleus).indices.tolist())
+    result = engine.generate([PROMPTS[0]], n=64, sampling=SamplingParams(top_p=0.5, max_tokens=1, seed=0,
+                                                                          ignore_eos=True))
+    assert {c.token_ids[0] for c in result.outputs[0].completions} <= allowed
+
+
+def test_top_logprobs_are_returned_and_sorted(engine):
+    result = engine.generate([PROMPTS[1]], sampling=SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                                   ignore_eos=True))
+    cand = result.outputs[0].completions[0]
+    assert len(cand.top_logprobs) == 4
+    for token, logprob, top in zip(cand.token_ids, cand.logprobs, cand.top_logprobs):
+        assert list(top)[0] == token and top[token] == pytest.approx(logprob)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+def test_timings_cover_the_stages(engine):
+    result = engine.generate(PROMPTS, n=2, sampling=SamplingParams(max_tokens=5, ignore_eos=True, seed=0))
+    assert all(result.timings[s] > 0 for s in ("prefill", "decode", "sampling", "total"))
+    assert result.prompt_tokens == sum(len(engine.tokenizer.encode(p)) for p in PROMPTS)
+    assert result.generated_tokens == len(PROMPTS) * 2 * 5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.generate("one prompt"), "expected a list of prompts"),
+    (lambda e: e.generate([]), "at least one prompt"),
+    (lambda e: e.generate(["x"], n=0), "n: expected an integer >= 1"),
+    (lambda e: e.generate([[1, 2, 999]]), "token ids must be in"),
+    (lambda e: e.generate([""]), "expected at least one token"),
+    (lambda e: e.generate(["a", "b"], sampling=[SamplingParams()]), "expected one SamplingParams or 2"),
+    (lambda e: SamplingParams(temperature=-1), "temperature: expected >= 0"),
+    (lambda e: SamplingParams(top_p=0), "top_p"),
+    (lambda e: SamplingParams(stop="x"), "expected a tuple"),
+    (lambda e: SamplingParams(max_tokens=0), "max_tokens"),
+])
+def test_bad_input_is_a_clear_error(engine, call, message):
+    with pytest.raises(GenerationError, match=message):
+        call(engine)

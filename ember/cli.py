@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
         p.set_defaults(func=func)
     p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("which", choices=["generate"], help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     return parser
 

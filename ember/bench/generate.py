@@ -1,0 +1,146 @@
+"""Benchmark: ember `Engine.generate` vs transformers `generate` on the same weights and workload.
+
+Batch 1 and n candidates of one prompt; reports prefill time, total time and generated tokens/s (median of
+repeats), plus the HBM roofline of a decode step on known GPUs. Writes JSON.
+
+  python -m ember.cli bench generate --model qwen2.5-0.5b --context 256 --gen 32 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ember.engine import Engine, SamplingParams
+from ember.experiments.workloads import random_prompts, resolve_device
+from ember.models import load
+from ember.report import atomic_write, device_info, git_state, versions
+
+# Peak HBM bandwidth in bytes/s by GPU name fragment (vendor data sheets).
+HBM_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+
+
+def hf_twin(loaded, device, dtype):
+    """A transformers model holding exactly the ember model's weights (no disk round trip)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = loaded.config.to_hf()
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    tied_ok = set(missing) <= {"lm_head.weight"} and loaded.config.tie_word_embeddings
+    if unexpected or (missing and not tied_ok):
+        raise RuntimeError(f"HF twin weights: missing {missing}, unexpected {unexpected}")
+    if loaded.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_hf(model, prompt, n, gen, device) -> dict:
+    """Prefill time (a 1-token generate) and full generate time of transformers, sampling at temperature 1."""
+    ids = torch.tensor([prompt], device=device)
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        _sync(device)
+        began = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        _sync(device)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kwargs)
+        _sync(device)
+        total = time.perf_counter() - began
+    generated = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return {"prefill_s": prefill, "total_s": total, "generated_tokens": generated, "tokens_per_s": generated / total}
+
+
+def time_ember(engine, prompt, n, gen) -> dict:
+    sampling = SamplingParams(temperature=1.0, max_tokens=gen, ignore_eos=True, seed=0)
+    result = engine.generate([prompt], n=n, sampling=sampling, progress=False)
+    t = result.timings
+    return {"prefill_s": t["prefill"], "decode_s": t["decode"], "sampling_s": t["sampling"], "total_s": t["total"],
+            "generated_tokens": result.generated_tokens, "tokens_per_s": result.generated_tokens / t["total"]}
+
+
+def _median(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def roofline(loaded, device, context, gen, n) -> dict | None:
+    """Lower bound on a decode step: (weights + KV read) / HBM bandwidth, for GPUs with a known bandwidth."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    bandwidth = next((bw for key, bw in HBM_BANDWIDTH.items() if key in name), None)
+    if bandwidth is None:
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    elem = loaded.model.output_weight.element_size()
+    cfg = loaded.config
+    kv_bytes = n * (context + gen // 2) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+    step = (weight_bytes + kv_bytes) / bandwidth
+    return {"gpu": name, "hbm_bytes_per_s": bandwidth, "weight_bytes": weight_bytes, "kv_bytes_mid_decode": kv_bytes,
+            "weights_only_step_ms": 1e3 * weight_bytes / bandwidth, "step_ms": 1e3 * step,
+            "tokens_per_s_bound": n / step}
+
+
+def run(model: str, dtype: str, device: str, context: int, gen: int, candidates: list[int], repeats: int,
+        with_hf: bool, seed: int = 0) -> dict:
+    """Benchmark results as a JSON-ready dict."""
+    device = resolve_device(device)
+    loaded = load(model, dtype=dtype, device=device, seed=seed)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False)
+    hf = hf_twin(loaded, device, loaded.model.output_weight.dtype) if with_hf else None
+    prompt = random_prompts(loaded.config.vocab_size, 1, context, seed)[0]
+    report = {"model": model, "dtype": dtype, "context": context, "gen": gen, "repeats": repeats,
+              "weights": loaded.provenance, "device": device_info(device), "versions": versions(),
+              "git": git_state(), "cases": []}
+    if hf is not None:
+        ids = torch.tensor([prompt[:64]], device=device)
+        with torch.inference_mode():
+            diff = (loaded.model.full_logits(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
+        report["max_logit_diff_vs_transformers"] = diff
+    for n in candidates:
+        time_ember(engine, prompt, n, min(gen, 4))  # warm-up
+        case = {"candidates": n, "ember": _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)]),
+                "roofline": roofline(loaded, device, context, gen, n)}
+        if hf is not None:
+            time_hf(hf, prompt, n, min(gen, 4), device)  # warm-up
+            case["transformers"] = _median([time_hf(hf, prompt, n, gen, device) for _ in range(repeats)])
+            case["speedup_tokens_per_s"] = case["ember"]["tokens_per_s"] / case["transformers"]["tokens_per_s"]
+            case["speedup_prefill"] = case["transformers"]["prefill_s"] / case["ember"]["prefill_s"]
+        report["cases"].append(case)
+        print(json.dumps(case), flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ember bench generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="model spec (preset, directory, hub id)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--context", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--gen", type=int, default=32, help="generated tokens per candidate")
+    parser.add_argument("--candidates", default="1,8", help="comma-separated n values")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--out", default="reports/bench/generate.json")
+    args = parser.parse_args(argv)
+    report = run(args.model, args.dtype, args.device, args.context, args.gen,
+                 [int(x) for x in args.candidates.split(",")], args.repeats, not args.no_hf)
+    atomic_write(Path(args.out), json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0

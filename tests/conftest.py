@@ -35,3 +35,13 @@ def hf_models(tiny_dirs):
 def family(request):
     """Each tiny preset name in turn."""
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests where no CUDA device is present, with the reason shown."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -165,3 +165,26 @@ def test_timings_cover_the_stages(engine):
 def test_bad_input_is_a_clear_error(engine, call, message):
     with pytest.raises(GenerationError, match=message):
         call(engine)
+
+
+def test_static_decode_step_equals_dynamic_step(family):
+    """The fixed-shape step that CUDA graphs capture computes what the ordinary decode step does."""
+    from ember.engine import KVCache
+
+    loaded = load(family)
+    model = loaded.model
+    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    valid = ids != 0
+    caches = [KVCache(model.config, len(prompts), width + 4, torch.float32, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, cache, valid)
+        caches[1].sync_slot()
+        for token in (7, 9, 11):
+            step = torch.full((len(prompts), 1), token)
+            dynamic = model(step, caches[0])
+            static = model(step, caches[1], static=True)
+            torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+    assert caches[1].length == caches[0].length and torch.equal(caches[1].lengths, caches[0].lengths)

@@ -116,6 +116,10 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
         time_ember(engine, prompt, n, min(gen, 4))  # warm-up
         case = {"candidates": n, "ember": _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)]),
                 "roofline": roofline(loaded, device, context, gen, n)}
+        if torch.device(device).type == "cuda":  # the same engine without CUDA graphs, to show what they buy
+            eager = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
+                           cuda_graphs=False)
+            case["ember_eager"] = _median([time_ember(eager, prompt, n, gen) for _ in range(repeats)])
         if hf is not None:
             time_hf(hf, prompt, n, min(gen, 4), device)  # warm-up
             case["transformers"] = _median([time_hf(hf, prompt, n, gen, device) for _ in range(repeats)])

@@ -35,6 +35,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self.length = 0
         self.has_padding = False  # True once any slot is marked invalid; lets attention skip masks
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # device-side cursor of static decode steps
 
     @property
     def nbytes(self) -> int:
@@ -49,12 +50,18 @@ class KVCache:
             raise GenerationError(f"forward batch {rows} does not divide cache batch {self.batch}")
         return self.batch // rows
 
-    def write(self, index: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, index: int, start: int | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (b, H, T, D) at [start, start+T) and return this layer's K, V (b, H, start+T, D).
 
         With b < B each input row is broadcast into its group of B/b cache rows, and the returned views read
-        the first row of each group (they hold identical values).
+        the first row of each group (they hold identical values). `start` None is a static decode step
+        (see `reserve_static`): k, v (B, H, 1, D) go to the slot held on the device; views span the capacity.
         """
+        if start is None:  # static step: one token per row at the device-side slot, full-capacity views
+            cache_k, cache_v = self.layer(index)
+            cache_k.index_copy_(2, self.slot, k)
+            cache_v.index_copy_(2, self.slot, v)
+            return cache_k, cache_v
         rows, _, steps, _ = k.shape
         end = start + steps
         if end > self.capacity:
@@ -98,3 +105,25 @@ class KVCache:
             self.has_padding = self.has_padding or not bool(valid.all())
         self.length = start + steps
         return start, positions
+
+    def reserve_static(self) -> torch.Tensor:
+        """Claim one slot per row for a decode step whose shapes never change (safe to capture in a CUDA graph).
+
+        The slot index lives on the device in `slot` (call `sync_slot` once before a run of static steps);
+        `advance_static` moves it on after the step. Returns rotary positions (B, 1).
+        """
+        positions = self.lengths[:, None].clone()  # (B, 1)
+        self.key_valid.index_fill_(1, self.slot, True)
+        self.lengths += 1
+        return positions
+
+    def advance_static(self) -> None:
+        """Finish a static step: the device slot and the host cursor move on by one."""
+        self.slot += 1
+        self.length += 1
+
+    def sync_slot(self) -> None:
+        """Point the device-side slot at the host cursor, checking there is room for static steps."""
+        if self.length >= self.capacity:
+            raise GenerationError(f"cache overflow: no slot left after {self.length} of {self.capacity}")
+        self.slot.fill_(self.length)

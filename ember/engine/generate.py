@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ember.engine.cache import KVCache
+from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, sample
 from ember.engine.timers import StageTimer
 from ember.errors import GenerationError
@@ -110,11 +111,13 @@ class _Candidate:
 class Engine:
     """Generation over an ember decoder. The model keeps no state; each batch owns one `KVCache`."""
 
-    def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None):
+    def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
+                 cuda_graphs: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.progress = progress
+        self.cuda_graphs = cuda_graphs  # replay decode steps as CUDA graphs when on a GPU
 
     @classmethod
     def load(cls, spec: str, dtype="float32", device="cpu", seed: int = 0, **kwargs) -> "Engine":
@@ -214,6 +217,8 @@ class Engine:
         with timer.stage("prefill"):
             logits = self.model(ids.to(device), cache, valid.to(device), last_only=True)[:, -1]  # (P, V)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
+        with timer.stage("decode"):  # capturing the step graph is part of the cost of decoding
+            graph = DecodeGraph(self.model, cache) if self.cuda_graphs and device.type == "cuda" else None
         for step in range(max_new):
             with timer.stage("sampling"):
                 ban = banned if banned is not None and step < max(c.params.min_tokens for c in candidates) else None
@@ -230,7 +235,10 @@ class Engine:
                 bar.update(max_new - step - 1)
                 break
             with timer.stage("decode"):
-                logits = self.model(drawn.tokens[:, None], cache)[:, -1]  # (B, V)
+                if graph is not None:
+                    logits = graph.step(drawn.tokens)  # (B, V)
+                else:
+                    logits = self.model(drawn.tokens[:, None], cache)[:, -1]  # (B, V)
         return [RequestOutput(r.prompt, r.seed, [c.result(self.tokenizer) for c in candidates[i * n:(i + 1) * n]])
                 for i, r in enumerate(requests)]
 

@@ -121,18 +121,25 @@ class DecoderLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, static: bool = False) -> torch.Tensor:
         """Append tokens (b, T) to the cache and return logits (b, T, V), or (b, 1, V) with `last_only`.
 
         `valid` (b, T) marks real tokens (False for left padding); rotary positions and key masks follow from
         it and from what the cache already holds. b may divide the cache batch (prefill shared by a group).
+        `static` runs a one-token decode step over all cache rows with fixed shapes (CUDA-graph capturable).
         """
-        start, positions = cache.reserve(input_ids.shape[0], input_ids.shape[1], valid)
+        if static:
+            start, positions = None, cache.reserve_static()
+            mask, causal = cache.key_valid[:, None, None, :], False  # (B, 1, 1, S)
+        else:
+            start, positions = cache.reserve(input_ids.shape[0], input_ids.shape[1], valid)
+            mask, causal = attention_mask(cache, input_ids.shape[0], start, input_ids.shape[1])
         x = self.model.embed_tokens(input_ids)  # (b, T, hidden)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask, causal = attention_mask(cache, input_ids.shape[0], start, input_ids.shape[1])
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start, mask, causal)
+        if static:
+            cache.advance_static()
         if last_only:
             x = x[:, -1:]
         return F.linear(self.model.norm(x), self.output_weight)  # (b, T, V)

@@ -28,7 +28,8 @@ setup: $(VENV)/.setup-done
 
 all: $(FIGURES)
 
-fig% tab%: setup
+# One rule for every figure/table: add the target's name to FIGURES.
+$(FIGURES): setup
 	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)"
 
 targets: setup

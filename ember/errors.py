@@ -23,3 +23,7 @@ class ParamsError(EmberError):
 
 class ReportError(EmberError):
     """A run directory, manifest or generated file cannot be written or read."""
+
+
+class KVWireError(EmberError):
+    """A KV quantization request or a KVWire blob is invalid (the message names the field)."""

@@ -1,0 +1,431 @@
+"""KVWire v1: one contiguous, self-describing blob holding a (possibly quantized, token-selected) KV cache.
+
+Layout (little-endian; docs/kvwire.md is the normative spec):
+
+  header   64 bytes  magic b"KVW1", version, flags, codes, dims, token count, section lengths
+  body               indices | precision map | payload | scales   (zstd-compressed as a whole if flagged)
+  crc32     4 bytes  CRC-32 of header + stored body
+
+Payload and scales are laid out in segments, one per (layer, precision present in that layer) in ascending
+precision code, K before V; every size follows from the header and the map, so there are no per-token headers.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.errors import KVWireError
+from ember.kv.quant import SCALE_DTYPES, Quantized, QuantSpec, dequantize, group_stats, pack_nibbles, quantize
+from ember.kv.quant import scale_shape, unpack_nibbles
+
+MAGIC = b"KVW1"
+VERSION = 1
+HEADER = struct.Struct("<4sHHBBBBHHHHIIIIQQQ4x")  # 64 bytes, the last 4 reserved (zero)
+CHECKSUM_BYTES = 4
+FLAG_INDEX32, FLAG_MAP, FLAG_ZSTD, FLAG_ASYMMETRIC = 1, 2, 4, 8
+KNOWN_FLAGS = FLAG_INDEX32 | FLAG_MAP | FLAG_ZSTD | FLAG_ASYMMETRIC
+PRECISION_CODES = {"fp16": 1, "int8": 2, "int4": 3, "nf4": 4, "fp8": 5}
+PRECISION_NAMES = {code: name for name, code in PRECISION_CODES.items()}
+INHERIT = 0  # layer map value: the layer follows the token map
+GRANULARITY_CODES = {"tensor": 0, "layer": 1, "head": 2, "token": 3, "kivi": 4}
+DTYPE_CODES = {"fp16": 1, "bf16": 2}
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LIMITS = {"layers": 1024, "heads": 1024, "head_dim": 4096, "tokens": 1 << 26, "body": 1 << 36}
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """Encoding choices. `scheme` is the precision of every cell unless a precision map says otherwise."""
+
+    scheme: str = "int8"
+    granularity: str = "head"
+    block_tokens: int = 1
+    symmetric: bool = True
+    scale_dtype: str = "fp16"
+    value_dtype: str = "fp16"
+    zstd: bool = False
+
+    def __post_init__(self):
+        self.spec(self.scheme)  # validates scheme / granularity / block / symmetry / scale dtype
+        if self.value_dtype not in VALUE_DTYPES:
+            raise KVWireError(f"value_dtype: expected one of {tuple(VALUE_DTYPES)}, found {self.value_dtype!r}")
+
+    def spec(self, precision: str) -> QuantSpec:
+        symmetric = self.symmetric or precision not in ("int8", "int4")
+        return QuantSpec(precision, self.granularity, self.block_tokens, symmetric, self.scale_dtype)
+
+
+@dataclass
+class KVPayload:
+    """What travels: K and V (L, H, T, D) for T selected tokens at sorted absolute `positions` (T,) of a
+    context of `context_len` tokens, with optional precision maps: per token (T,) codes 1..5 and per layer
+    (L,) codes 0..5 (0 = follow the token map)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    context_len: int
+    token_precision: torch.Tensor | None = None
+    layer_precision: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.k.shape)
+
+
+@dataclass
+class WireInfo:
+    """A parsed header and section sizes (`breakdown`, bytes), as `inspect` reports them."""
+
+    config: WireConfig
+    layers: int
+    heads: int
+    head_dim: int
+    tokens: int
+    context_len: int
+    index_bytes_each: int
+    has_map: bool
+    breakdown: dict = field(default_factory=dict)
+    checksum_ok: bool = True
+
+    def as_dict(self) -> dict:
+        return {"version": VERSION, "scheme": self.config.scheme, "granularity": self.config.granularity,
+                "block_tokens": self.config.block_tokens, "symmetric": self.config.symmetric,
+                "scale_dtype": self.config.scale_dtype, "value_dtype": self.config.value_dtype,
+                "zstd": self.config.zstd, "layers": self.layers, "heads": self.heads, "head_dim": self.head_dim,
+                "tokens": self.tokens, "context_len": self.context_len, "index_bytes_each": self.index_bytes_each,
+                "precision_map": self.has_map, "breakdown": self.breakdown, "checksum_ok": self.checksum_ok}
+
+
+def cell_precision(layers: int, tokens: int, default: str, token_precision=None, layer_precision=None):
+    """Precision code of every (layer, token) cell: (L, T) uint8."""
+    base = torch.full((tokens,), PRECISION_CODES[default], dtype=torch.uint8) if token_precision is None \
+        else token_precision.to(torch.uint8).cpu()
+    cells = base.expand(layers, tokens).clone()
+    if layer_precision is not None:
+        lp = layer_precision.to(torch.uint8).cpu()
+        override = lp != INHERIT
+        cells[override] = lp[override][:, None].expand(-1, tokens)
+    return cells
+
+
+def _segments(cells: torch.Tensor):
+    """(layer, precision code, token indices) for each segment, in wire order."""
+    for layer in range(cells.shape[0]):
+        for code in sorted(set(cells[layer].tolist())):
+            yield layer, code, (cells[layer] == code).nonzero()[:, 0]
+
+
+def _payload_bytes(precision: str, count: int) -> int:
+    return {"fp16": 2 * count, "int8": count, "fp8": count}.get(precision, (count + 1) // 2)
+
+
+def _scale_count(config: WireConfig, precision: str, heads: int, tokens: int, dim: int, role: str) -> int:
+    if precision == "fp16" or config.granularity == "tensor":
+        return 0
+    return int(torch.Size(scale_shape((heads, tokens, dim), config.spec(precision), role)).numel())
+
+
+def _section_sizes(config: WireConfig, heads: int, dim: int, cells: torch.Tensor) -> tuple[int, int]:
+    """(payload bytes, scale bytes) implied by the config and the cell precisions."""
+    payload = scales = 0
+    for _, code, idx in _segments(cells):
+        name = PRECISION_NAMES[code]
+        per = 2 * (2 if config.spec(name).has_offset else 1)  # scale (+ offset), 2 bytes each
+        for role in ("k", "v"):
+            payload += _payload_bytes(name, heads * len(idx) * dim)
+            scales += per * _scale_count(config, name, heads, len(idx), dim, role)
+    if config.granularity == "tensor":
+        for code in sorted(set(cells.flatten().tolist())):
+            name = PRECISION_NAMES[code]
+            if name != "fp16":
+                scales += 2 * 2 * (2 if config.spec(name).has_offset else 1)
+    return payload, scales
+
+
+def expected_size(config: WireConfig, layers: int, heads: int, head_dim: int, tokens: int,
+                  token_precision=None, layer_precision=None, max_position: int | None = None) -> int:
+    """Exact length of `pack` output for these shapes and maps (uncompressed configs only)."""
+    if config.zstd:
+        raise KVWireError("expected_size: zstd output size depends on the data; use a config with zstd=False")
+    has_map = token_precision is not None or layer_precision is not None
+    cells = cell_precision(layers, tokens, config.scheme, token_precision, layer_precision)
+    payload, scales = _section_sizes(config, heads, head_dim, cells)
+    width = 4 if (max_position if max_position is not None else tokens - 1) >= 65536 else 2
+    return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _encode_codes(q: Quantized, precision: str) -> bytes:
+    if precision in ("int4", "nf4"):
+        return _tensor_bytes(pack_nibbles(q.codes, signed=q.codes.dtype == torch.int8))
+    return _tensor_bytes(q.codes)
+
+
+def pack(payload: KVPayload, config: WireConfig) -> bytes:
+    """Quantize and serialize a payload into one KVWire blob."""
+    k, v, positions = payload.k, payload.v, payload.positions.reshape(-1).long().cpu()
+    _check_payload(payload, positions)
+    layers, heads, tokens, dim = k.shape
+    vdtype = VALUE_DTYPES[config.value_dtype]
+    k, v = k.to(vdtype), v.to(vdtype)
+    has_map = payload.token_precision is not None or payload.layer_precision is not None
+    cells = cell_precision(layers, tokens, config.scheme, payload.token_precision, payload.layer_precision)
+    shared = _shared_stats(config, k, v, cells) if config.granularity == "tensor" else {}
+    body_payload, body_scales = [], []
+    for code in sorted(shared):
+        for stats in shared[code]:
+            q = quantize(torch.zeros((1, 1, 1), dtype=vdtype), config.spec(PRECISION_NAMES[code]), stats=stats)
+            body_scales.append(_scale_bytes(q))
+    for layer, code, idx in _segments(cells):
+        name = PRECISION_NAMES[code]
+        for role, tensor in (("k", k), ("v", v)):
+            segment = tensor[layer][:, idx.to(tensor.device)]  # (H, t, D)
+            stats = shared[code][role == "v"] if code in shared else None
+            q = quantize(segment, config.spec(name), role, stats=stats)
+            body_payload.append(_encode_codes(q, name))
+            if config.granularity != "tensor":
+                body_scales.append(_scale_bytes(q))
+    width = 4 if tokens and int(positions[-1]) >= 65536 else 2
+    indices = positions.numpy().astype("<u4" if width == 4 else "<u2").tobytes()
+    maps = b""
+    if has_map:
+        lp = payload.layer_precision if payload.layer_precision is not None else torch.zeros(layers)
+        tp = payload.token_precision if payload.token_precision is not None else \
+            torch.full((tokens,), PRECISION_CODES[config.scheme])
+        maps = _tensor_bytes(lp.to(torch.uint8)) + _tensor_bytes(tp.to(torch.uint8))
+    payload_bytes, scale_bytes = b"".join(body_payload), b"".join(body_scales)
+    body = indices + maps + payload_bytes + scale_bytes
+    stored = _zstd().ZstdCompressor(level=3).compress(body) if config.zstd else body
+    flags = (FLAG_INDEX32 if width == 4 else 0) | (FLAG_MAP if has_map else 0) | \
+        (FLAG_ZSTD if config.zstd else 0) | (0 if config.symmetric else FLAG_ASYMMETRIC)
+    header = HEADER.pack(MAGIC, VERSION, flags, PRECISION_CODES[config.scheme], GRANULARITY_CODES[config.granularity],
+                         DTYPE_CODES[config.scale_dtype], DTYPE_CODES[config.value_dtype], layers, heads, dim,
+                         config.block_tokens, tokens, payload.context_len, len(indices), len(maps),
+                         len(payload_bytes), len(scale_bytes), len(stored))
+    blob = header + stored
+    return blob + struct.pack("<I", zlib.crc32(blob))
+
+
+def _scale_bytes(q: Quantized) -> bytes:
+    if q.scale is None:
+        return b""
+    return _tensor_bytes(q.scale) + (b"" if q.offset is None else _tensor_bytes(q.offset))
+
+
+def _shared_stats(config: WireConfig, k, v, cells) -> dict:
+    """Tensor granularity: per precision, one set of statistics over all of its cells, for K and for V."""
+    shared = {}
+    for code in sorted(set(cells.flatten().tolist())):
+        name = PRECISION_NAMES[code]
+        if name == "fp16":
+            continue
+        mask = (cells == code).to(k.device)[:, None, :, None]  # (L, 1, T, 1)
+        per_role = []
+        for role, tensor in (("k", k), ("v", v)):
+            selected = tensor.float()[mask.expand_as(tensor)].reshape(1, 1, -1, 1)
+            per_role.append(tuple(s.reshape(1, 1, 1) for s in group_stats(selected, config.spec(name), role)))
+        shared[code] = per_role
+    return shared
+
+
+def _check_payload(payload: KVPayload, positions: torch.Tensor) -> None:
+    k, v = payload.k, payload.v
+    if k.dim() != 4 or k.shape != v.shape:
+        raise KVWireError(f"payload k/v: expected equal (L, H, T, D) shapes, found {tuple(k.shape)}, {tuple(v.shape)}")
+    layers, heads, tokens, dim = k.shape
+    if positions.numel() != tokens:
+        raise KVWireError(f"positions: expected {tokens} (one per token), found {positions.numel()}")
+    if tokens and (positions.min() < 0 or positions.max() >= payload.context_len
+                   or (tokens > 1 and bool((positions[1:] <= positions[:-1]).any()))):
+        raise KVWireError(f"positions: expected strictly increasing values in [0, {payload.context_len}), "
+                          f"found {positions.tolist()[:8]}...")
+    if payload.context_len >= 1 << 32:
+        raise KVWireError(f"context_len: expected < 2**32, found {payload.context_len}")
+    for name, limit, value in (("layers", LIMITS["layers"], layers), ("heads", LIMITS["heads"], heads),
+                               ("head_dim", LIMITS["head_dim"], dim)):
+        if not 1 <= value <= limit:
+            raise KVWireError(f"{name}: expected 1..{limit}, found {value}")
+    for name, mp, size, low in (("token_precision", payload.token_precision, tokens, 1),
+                                ("layer_precision", payload.layer_precision, layers, 0)):
+        if mp is None:
+            continue
+        if mp.numel() != size or (size and (int(mp.min()) < low or int(mp.max()) > 5)):
+            raise KVWireError(f"{name}: expected {size} codes in {low}..5, found {mp.tolist()[:8]}")
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError as error:  # pragma: no cover - zstandard is a dependency
+        raise KVWireError("zstd: the 'zstandard' package is needed for zstd blobs (pip install zstandard)") from error
+    return zstandard
+
+
+def _read_header(blob: bytes) -> tuple:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise KVWireError(f"blob: expected bytes, found {type(blob).__name__}")
+    if len(blob) < HEADER.size + CHECKSUM_BYTES:
+        raise KVWireError(f"length: expected at least {HEADER.size + CHECKSUM_BYTES} bytes, found {len(blob)}")
+    fields = HEADER.unpack_from(blob, 0)
+    if fields[0] != MAGIC:
+        raise KVWireError(f"magic: expected {MAGIC!r}, found {bytes(fields[0])!r}")
+    if fields[1] != VERSION:
+        raise KVWireError(f"version: expected {VERSION}, found {fields[1]}")
+    if bytes(blob[60:64]) != bytes(4):
+        raise KVWireError("reserved header bytes: expected zeros, found other values")
+    return fields
+
+
+def inspect(blob: bytes) -> WireInfo:
+    """Parse the header and section sizes and verify the checksum, without decoding the payload."""
+    (_, _, flags, scheme, gran, sdt, vdt, layers, heads, dim, block, tokens, context_len,
+     idx_len, map_len, pay_len, scale_len, stored_len) = _read_header(blob)
+    if flags & ~KNOWN_FLAGS:
+        raise KVWireError(f"flags: unknown bits {flags & ~KNOWN_FLAGS:#x}")
+    names = {"scheme": (scheme, PRECISION_NAMES), "granularity": (gran, {v: k for k, v in GRANULARITY_CODES.items()}),
+             "scale_dtype": (sdt, {v: k for k, v in DTYPE_CODES.items()}),
+             "value_dtype": (vdt, {v: k for k, v in DTYPE_CODES.items()})}
+    decoded = {}
+    for name, (code, table) in names.items():
+        if code not in table:
+            raise KVWireError(f"{name}: unknown code {code} (expected one of {sorted(table)})")
+        decoded[name] = table[code]
+    for name, value, limit in (("layers", layers, LIMITS["layers"]), ("heads", heads, LIMITS["heads"]),
+                               ("head_dim", dim, LIMITS["head_dim"]), ("tokens", tokens, LIMITS["tokens"])):
+        if not (0 if name == "tokens" else 1) <= value <= limit:
+            raise KVWireError(f"{name}: expected at most {limit} (and > 0), found {value}")
+    if block < 1:
+        raise KVWireError(f"block_tokens: expected >= 1, found {block}")
+    if tokens > context_len:
+        raise KVWireError(f"tokens: expected at most context_len {context_len}, found {tokens}")
+    try:
+        config = WireConfig(decoded["scheme"], decoded["granularity"], block, not flags & FLAG_ASYMMETRIC,
+                            decoded["scale_dtype"], decoded["value_dtype"], bool(flags & FLAG_ZSTD))
+    except KVWireError as error:
+        raise KVWireError(f"header: inconsistent encoding ({error})") from error
+    if len(blob) != HEADER.size + stored_len + CHECKSUM_BYTES:
+        raise KVWireError(f"length: header says body of {stored_len} bytes (blob {HEADER.size + stored_len + 4}), "
+                          f"found blob of {len(blob)}")
+    width = 4 if flags & FLAG_INDEX32 else 2
+    if idx_len != width * tokens:
+        raise KVWireError(f"index section: expected {width * tokens} bytes for {tokens} tokens, found {idx_len}")
+    has_map = bool(flags & FLAG_MAP)
+    if map_len != ((layers + tokens) if has_map else 0):
+        raise KVWireError(f"map section: expected {(layers + tokens) if has_map else 0} bytes, found {map_len}")
+    if not (flags & FLAG_ZSTD) and stored_len != idx_len + map_len + pay_len + scale_len:
+        raise KVWireError(f"body: sections add up to {idx_len + map_len + pay_len + scale_len} bytes, "
+                          f"found {stored_len}")
+    if idx_len + map_len + pay_len + scale_len > LIMITS["body"]:
+        raise KVWireError(f"body: expected at most {LIMITS['body']} bytes, found {idx_len + map_len + pay_len + scale_len}")
+    (stored_crc,) = struct.unpack_from("<I", blob, len(blob) - CHECKSUM_BYTES)
+    checksum_ok = zlib.crc32(bytes(blob[:-CHECKSUM_BYTES])) == stored_crc
+    breakdown = {"header": HEADER.size, "indices": idx_len, "map": map_len, "payload": pay_len, "scales": scale_len,
+                 "checksum": CHECKSUM_BYTES, "stored_body": stored_len, "total": len(blob)}
+    return WireInfo(config, layers, heads, dim, tokens, context_len, width, has_map, breakdown, checksum_ok)
+
+
+def unpack(blob: bytes) -> KVPayload:
+    """Decode a KVWire blob into dequantized K/V in its value dtype, positions and maps. Needs no config.
+
+    Every inconsistency raises KVWireError naming the field; nothing is allocated before sizes are checked.
+    """
+    info = inspect(blob)
+    if not info.checksum_ok:
+        raise KVWireError("checksum: CRC-32 mismatch (the blob is corrupt)")
+    config, bd = info.config, info.breakdown
+    body = bytes(blob[HEADER.size:len(blob) - CHECKSUM_BYTES])
+    plain = bd["indices"] + bd["map"] + bd["payload"] + bd["scales"]
+    if config.zstd:
+        try:
+            body = _zstd().ZstdDecompressor().decompress(body, max_output_size=plain)
+        except _zstd().ZstdError as error:
+            raise KVWireError(f"zstd body: cannot be decompressed ({error})") from error
+        if len(body) != plain:
+            raise KVWireError(f"zstd body: expected {plain} bytes after decompression, found {len(body)}")
+    tokens, layers = info.tokens, info.layers
+    offset = bd["indices"]
+    positions = torch.frombuffer(bytearray(body[:offset]), dtype=torch.int32 if info.index_bytes_each == 4
+                                 else torch.int16).long() if tokens else torch.zeros(0, dtype=torch.long)
+    if info.index_bytes_each == 2:
+        positions = positions & 0xFFFF
+    else:
+        positions = positions & 0xFFFFFFFF
+    if tokens and (positions[-1] >= info.context_len or (tokens > 1 and bool((positions[1:] <= positions[:-1]).any()))):
+        raise KVWireError(f"indices: expected strictly increasing positions below {info.context_len}")
+    token_precision = layer_precision = None
+    if info.has_map:
+        maps = torch.frombuffer(bytearray(body[offset:offset + bd["map"]]), dtype=torch.uint8)
+        layer_precision, token_precision = maps[:layers].clone(), maps[layers:].clone()
+        if bool((layer_precision > 5).any()) or (tokens and bool(((token_precision < 1) | (token_precision > 5)).any())):
+            raise KVWireError("precision map: expected layer codes 0..5 and token codes 1..5, found others")
+        offset += bd["map"]
+    cells = cell_precision(layers, tokens, config.scheme, token_precision, layer_precision)
+    payload_len, scale_len = _section_sizes(config, info.heads, info.head_dim, cells)
+    if (payload_len, scale_len) != (bd["payload"], bd["scales"]):
+        raise KVWireError(f"payload/scales: the map implies {payload_len}/{scale_len} bytes, "
+                          f"header says {bd['payload']}/{bd['scales']}")
+    k, v = _decode_segments(body, offset, config, info, cells)
+    return KVPayload(k, v, positions, info.context_len, token_precision, layer_precision)
+
+
+def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInfo, cells: torch.Tensor):
+    heads, dim, vdtype = info.heads, info.head_dim, VALUE_DTYPES[config.value_dtype]
+    sdtype = SCALE_DTYPES[config.scale_dtype]
+    k = torch.zeros((info.layers, heads, info.tokens, dim), dtype=vdtype)  # (L, H, T, D)
+    v = torch.zeros_like(k)
+    scale_cursor = offset + info.breakdown["payload"]
+
+    def take_scales(count: int):
+        nonlocal scale_cursor
+        raw = bytearray(body[scale_cursor:scale_cursor + 2 * count])
+        scale_cursor += 2 * count
+        return torch.frombuffer(raw, dtype=sdtype) if count else torch.zeros(0, dtype=sdtype)
+
+    shared = {}
+    if config.granularity == "tensor":
+        for code in sorted(set(cells.flatten().tolist())):
+            spec = config.spec(PRECISION_NAMES[code])
+            if spec.scheme != "fp16":
+                shared[code] = [(take_scales(1).reshape(1, 1, 1),
+                                 take_scales(1).reshape(1, 1, 1) if spec.has_offset else None) for _ in "kv"]
+    for layer, code, idx in _segments(cells):
+        name = PRECISION_NAMES[code]
+        spec = config.spec(name)
+        count = heads * len(idx) * dim
+        for r, (role, target) in enumerate((("k", k), ("v", v))):
+            size = _payload_bytes(name, count)
+            raw = bytearray(body[offset:offset + size])
+            offset += size
+            codes = _decode_codes(raw, name, spec, count, vdtype).reshape(heads, len(idx), dim)
+            if name == "fp16":
+                scale = offset_t = None
+            elif shared:
+                scale, offset_t = shared[code][r]
+            else:
+                shape = scale_shape((heads, len(idx), dim), spec, role)
+                n = int(torch.Size(shape).numel())
+                scale = take_scales(n).reshape(shape)
+                offset_t = take_scales(n).reshape(shape) if spec.has_offset else None
+            target[layer][:, idx] = dequantize(Quantized(codes, scale, offset_t), spec, vdtype)
+    return k, v
+
+
+def _decode_codes(raw: bytearray, name: str, spec: QuantSpec, count: int, vdtype) -> torch.Tensor:
+    if not raw:
+        return torch.zeros(0, dtype=torch.uint8)
+    data = torch.frombuffer(raw, dtype=torch.uint8)
+    if name == "fp16":
+        return data.view(vdtype)
+    if name in ("int4", "nf4"):
+        return unpack_nibbles(data, count, signed=name == "int4" and spec.symmetric)
+    if name == "int8" and spec.symmetric:
+        return data.view(torch.int8)
+    return data

@@ -42,6 +42,7 @@ test: setup
 
 bench: setup
 	$(PY) -m ember.cli bench generate --out reports/bench/generate_cpu.json
+	$(PY) -m ember.cli bench kvwire --out reports/bench/kvwire_cpu.json
 
 lab: setup
 	$(PY) -m pip install --quiet -e '.[lab]'

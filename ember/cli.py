@@ -4,6 +4,8 @@
   ember params fig2 --profile default --set 'repeats=5'   print the validated parameters
   ember figure fig2 --profile default --set '...'  execute notebooks/fig2_*.ipynb with papermill
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
+  ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
+  ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
 """
 
 from __future__ import annotations
@@ -42,9 +44,39 @@ def _figure(args) -> int:
 
 
 def _bench(args) -> int:
-    from ember.bench.generate import main as bench_generate
+    import importlib
 
-    return bench_generate(args.rest)
+    return importlib.import_module(f"ember.bench.{args.which}").main(args.rest)
+
+
+def _kvwire_inspect(args) -> int:
+    from pathlib import Path
+
+    from ember.kv.wire import inspect
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"ember: error: kvwire file: expected a readable file, found none at {path}", file=sys.stderr)
+        return 2
+    info = inspect(path.read_bytes())
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2))
+        return 0 if info.checksum_ok else 1
+    d = info.as_dict()
+    print(f"KVWire v{d['version']}  {path}")
+    print(f"  encoding   {d['scheme']} / {d['granularity']}"
+          f"{' (block ' + str(d['block_tokens']) + ')' if d['granularity'] == 'token' else ''}"
+          f"  {'symmetric' if d['symmetric'] else 'asymmetric'}  scales {d['scale_dtype']}  values {d['value_dtype']}"
+          f"{'  zstd' if d['zstd'] else ''}")
+    print(f"  shape      {d['layers']} layers x {d['heads']} KV heads x {d['tokens']} tokens x {d['head_dim']} dims"
+          f" (context {d['context_len']}, {d['index_bytes_each']}-byte indices"
+          f"{', precision map' if d['precision_map'] else ''})")
+    for name, size in d["breakdown"].items():
+        print(f"  {name:11s}{size:>14,d} B")
+    if d["tokens"]:
+        print(f"  per token  {d['breakdown']['total'] / d['tokens']:,.1f} B")
+    print(f"  checksum   {'ok' if d['checksum_ok'] else 'MISMATCH'}")
+    return 0 if info.checksum_ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
         p.set_defaults(func=func)
     p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
-    p.add_argument("which", choices=["generate"], help="which benchmark")
+    p.add_argument("which", choices=["generate", "kvwire"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
+    kv = sub.add_parser("kvwire", help="KVWire blob tools").add_subparsers(dest="kvwire_command", required=True)
+    p = kv.add_parser("inspect", help="print version, shapes, section sizes and checksum status")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_kvwire_inspect)
     return parser
 
 

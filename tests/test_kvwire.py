@@ -235,3 +235,24 @@ def test_fuzz_mutated_blobs_only_raise_kvwire_errors():
         except KVWireError:
             outcomes["error"] += 1
     assert outcomes["error"] > 1000 and outcomes["ok"] + outcomes["error"] == 3000
+
+
+def test_cli_inspect(tmp_path, capsys):
+    from ember.cli import main
+
+    path = tmp_path / "x.kvw"
+    path.write_bytes((FIXTURES / "int4.kvw").read_bytes())
+    assert main(["kvwire", "inspect", str(path)]) == 0
+    assert "int4 / token (block 3)" in capsys.readouterr().out
+    assert main(["kvwire", "inspect", str(path), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["breakdown"]["total"] == path.stat().st_size
+    data = bytearray(path.read_bytes())
+    data[70] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main(["kvwire", "inspect", str(path)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    path.write_bytes(b"junk")
+    assert main(["kvwire", "inspect", str(path)]) == 2
+    assert "length: expected at least" in capsys.readouterr().err

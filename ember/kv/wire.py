@@ -114,10 +114,16 @@ def cell_precision(layers: int, tokens: int, default: str, token_precision=None,
 
 
 def _segments(cells: torch.Tensor):
-    """(layer, precision code, token indices) for each segment, in wire order."""
+    """(layer, precision code, token indices) for each segment, in wire order. A segment that holds every
+    token of its layer gets slice(None) as its indices (a view, no gather)."""
     for layer in range(cells.shape[0]):
-        for code in sorted(set(cells[layer].tolist())):
-            yield layer, code, (cells[layer] == code).nonzero()[:, 0]
+        codes = sorted(set(cells[layer].tolist()))
+        for code in codes:
+            yield layer, code, slice(None) if len(codes) == 1 else (cells[layer] == code).nonzero()[:, 0]
+
+
+def _count(idx, tokens: int) -> int:
+    return tokens if isinstance(idx, slice) else len(idx)
 
 
 def _payload_bytes(precision: str, count: int) -> int:
@@ -134,11 +140,11 @@ def _section_sizes(config: WireConfig, heads: int, dim: int, cells: torch.Tensor
     """(payload bytes, scale bytes) implied by the config and the cell precisions."""
     payload = scales = 0
     for _, code, idx in _segments(cells):
-        name = PRECISION_NAMES[code]
+        name, count = PRECISION_NAMES[code], _count(idx, cells.shape[1])
         per = 2 * (2 if config.spec(name).has_offset else 1)  # scale (+ offset), 2 bytes each
         for role in ("k", "v"):
-            payload += _payload_bytes(name, heads * len(idx) * dim)
-            scales += per * _scale_count(config, name, heads, len(idx), dim, role)
+            payload += _payload_bytes(name, heads * count * dim)
+            scales += per * _scale_count(config, name, heads, count, dim, role)
     if config.granularity == "tensor":
         for code in sorted(set(cells.flatten().tolist())):
             name = PRECISION_NAMES[code]
@@ -187,7 +193,7 @@ def pack(payload: KVPayload, config: WireConfig) -> bytes:
     for layer, code, idx in _segments(cells):
         name = PRECISION_NAMES[code]
         for role, tensor in (("k", k), ("v", v)):
-            segment = tensor[layer][:, idx.to(tensor.device)]  # (H, t, D)
+            segment = tensor[layer][:, idx if isinstance(idx, slice) else idx.to(tensor.device)]  # (H, t, D)
             stats = shared[code][role == "v"] if code in shared else None
             q = quantize(segment, config.spec(name), role, stats=stats)
             body_payload.append(_encode_codes(q, name))
@@ -332,9 +338,10 @@ def inspect(blob: bytes) -> WireInfo:
     return WireInfo(config, layers, heads, dim, tokens, context_len, width, has_map, breakdown, checksum_ok)
 
 
-def unpack(blob: bytes) -> KVPayload:
-    """Decode a KVWire blob into dequantized K/V in its value dtype, positions and maps. Needs no config.
+def unpack(blob: bytes, device="cpu") -> KVPayload:
+    """Decode a KVWire blob into dequantized K/V (on `device`, in the blob's value dtype), positions and maps.
 
+    Needs no config: the blob describes itself.
     Every inconsistency raises KVWireError naming the field; nothing is allocated before sizes are checked.
     """
     info = inspect(blob)
@@ -372,14 +379,14 @@ def unpack(blob: bytes) -> KVPayload:
     if (payload_len, scale_len) != (bd["payload"], bd["scales"]):
         raise KVWireError(f"payload/scales: the map implies {payload_len}/{scale_len} bytes, "
                           f"header says {bd['payload']}/{bd['scales']}")
-    k, v = _decode_segments(body, offset, config, info, cells)
+    k, v = _decode_segments(body, offset, config, info, cells, torch.device(device))
     return KVPayload(k, v, positions, info.context_len, token_precision, layer_precision)
 
 
-def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInfo, cells: torch.Tensor):
+def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInfo, cells: torch.Tensor, device):
     heads, dim, vdtype = info.heads, info.head_dim, VALUE_DTYPES[config.value_dtype]
     sdtype = SCALE_DTYPES[config.scale_dtype]
-    k = torch.zeros((info.layers, heads, info.tokens, dim), dtype=vdtype)  # (L, H, T, D)
+    k = torch.zeros((info.layers, heads, info.tokens, dim), dtype=vdtype, device=device)  # (L, H, T, D)
     v = torch.zeros_like(k)
     scale_cursor = offset + info.breakdown["payload"]
 
@@ -394,26 +401,28 @@ def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInf
         for code in sorted(set(cells.flatten().tolist())):
             spec = config.spec(PRECISION_NAMES[code])
             if spec.scheme != "fp16":
-                shared[code] = [(take_scales(1).reshape(1, 1, 1),
-                                 take_scales(1).reshape(1, 1, 1) if spec.has_offset else None) for _ in "kv"]
+                shared[code] = [(take_scales(1).to(device).reshape(1, 1, 1),
+                                 take_scales(1).to(device).reshape(1, 1, 1) if spec.has_offset else None)
+                                for _ in "kv"]
     for layer, code, idx in _segments(cells):
         name = PRECISION_NAMES[code]
         spec = config.spec(name)
-        count = heads * len(idx) * dim
+        tokens = _count(idx, info.tokens)
+        count = heads * tokens * dim
         for r, (role, target) in enumerate((("k", k), ("v", v))):
             size = _payload_bytes(name, count)
             raw = bytearray(body[offset:offset + size])
             offset += size
-            codes = _decode_codes(raw, name, spec, count, vdtype).reshape(heads, len(idx), dim)
+            codes = _decode_codes(raw, name, spec, count, vdtype).to(device).reshape(heads, tokens, dim)
             if name == "fp16":
                 scale = offset_t = None
             elif shared:
                 scale, offset_t = shared[code][r]
             else:
-                shape = scale_shape((heads, len(idx), dim), spec, role)
+                shape = scale_shape((heads, tokens, dim), spec, role)
                 n = int(torch.Size(shape).numel())
-                scale = take_scales(n).reshape(shape)
-                offset_t = take_scales(n).reshape(shape) if spec.has_offset else None
+                scale = take_scales(n).to(device).reshape(shape)
+                offset_t = take_scales(n).to(device).reshape(shape) if spec.has_offset else None
             target[layer][:, idx] = dequantize(Quantized(codes, scale, offset_t), spec, vdtype)
     return k, v
 

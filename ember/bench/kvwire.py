@@ -1,0 +1,94 @@
+"""Benchmark: KVWire encode / decode throughput (GB/s of fp16 KV) and bytes per token per scheme.
+
+The floor is a plain dtype-cast copy of the same data (`tensor.to(torch.int8)`): no scales, no layout.
+
+  python -m ember.cli bench kvwire --layers 28 --heads 8 --head-dim 128 --tokens 4096 --out kvwire.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ember.experiments.workloads import resolve_device
+from ember.kv.wire import KVPayload, WireConfig, expected_size, pack, unpack
+from ember.report import atomic_write, device_info, git_state, versions
+
+THROUGHPUT = {"int8/head": WireConfig("int8", "head"), "int4/token": WireConfig("int4", "token", block_tokens=1)}
+SIZES = {
+    "fp16": WireConfig("fp16"),
+    "int8/head": WireConfig("int8", "head"),
+    "int8/token": WireConfig("int8", "token"),
+    "int8/kivi": WireConfig("int8", "kivi"),
+    "int4/token": WireConfig("int4", "token"),
+    "int4/token32-asym": WireConfig("int4", "token", block_tokens=32, symmetric=False),
+    "int4/kivi": WireConfig("int4", "kivi"),
+    "nf4/token": WireConfig("nf4", "token"),
+    "fp8/head": WireConfig("fp8", "head"),
+}
+
+
+def _timed(fn, device, repeats: int) -> float:
+    """Median seconds of `fn()` over repeats (after one warm-up), synchronizing CUDA."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def run(layers: int, heads: int, head_dim: int, tokens: int, device: str, repeats: int, seed: int = 0) -> dict:
+    device = torch.device(resolve_device(device))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    shape = (layers, heads, tokens, head_dim)
+    k = torch.randn(shape, generator=generator, device=device).half()  # (L, H, T, D)
+    v = torch.randn(shape, generator=generator, device=device).half()
+    payload = KVPayload(k, v, torch.arange(tokens), tokens)
+    fp16_bytes = 2 * k.numel() * 2
+    report = {"shape": {"layers": layers, "heads": heads, "head_dim": head_dim, "tokens": tokens},
+              "fp16_bytes": fp16_bytes, "fp16_bytes_per_token": fp16_bytes // tokens, "repeats": repeats,
+              "device": device_info(str(device)), "versions": versions(), "git": git_state(), "throughput": {},
+              "bytes_per_token": {}}
+    floor = _timed(lambda: (k.to(torch.int8), v.to(torch.int8)), device, repeats)
+    report["throughput"]["floor_cast_copy"] = {"seconds": floor, "gb_per_s": fp16_bytes / floor / 1e9}
+    for name, config in THROUGHPUT.items():
+        blob = pack(payload, config)
+        encode = _timed(lambda: pack(payload, config), device, repeats)
+        decode = _timed(lambda: unpack(blob, device=device), device, repeats)
+        report["throughput"][name] = {"encode_s": encode, "decode_s": decode, "blob_bytes": len(blob),
+                                      "encode_gb_per_s": fp16_bytes / encode / 1e9,
+                                      "decode_gb_per_s": fp16_bytes / decode / 1e9}
+        print(name, json.dumps(report["throughput"][name]), flush=True)
+    for name, config in SIZES.items():
+        size = expected_size(config, layers, heads, head_dim, tokens)
+        report["bytes_per_token"][name] = {"blob_bytes": size, "bytes_per_token": size / tokens,
+                                           "ratio_vs_fp16": fp16_bytes / size}
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ember bench kvwire", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="reports/bench/kvwire.json")
+    args = parser.parse_args(argv)
+    report = run(args.layers, args.heads, args.head_dim, args.tokens, args.device, args.repeats)
+    atomic_write(Path(args.out), json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0

@@ -101,7 +101,8 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
     """Benchmark results as a JSON-ready dict."""
     device = resolve_device(device)
     loaded = load(model, dtype=dtype, device=device, seed=seed)
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
+                    prefix_cache=False)  # repeats of one prompt must not be served from the cache
     hf = hf_twin(loaded, device, loaded.model.output_weight.dtype) if with_hf else None
     prompt = random_prompts(loaded.config.vocab_size, 1, context, seed)[0]
     report = {"model": model, "dtype": dtype, "context": context, "gen": gen, "repeats": repeats,
@@ -118,7 +119,7 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
                 "roofline": roofline(loaded, device, context, gen, n)}
         if torch.device(device).type == "cuda":  # the same engine without CUDA graphs, to show what they buy
             eager = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
-                           cuda_graphs=False)
+                           cuda_graphs=False, prefix_cache=False)
             case["ember_eager"] = _median([time_ember(eager, prompt, n, gen) for _ in range(repeats)])
         if hf is not None:
             time_hf(hf, prompt, n, min(gen, 4), device)  # warm-up

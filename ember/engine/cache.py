@@ -127,3 +127,25 @@ class KVCache:
         if self.length >= self.capacity:
             raise GenerationError(f"cache overflow: no slot left after {self.length} of {self.capacity}")
         self.slot.fill_(self.length)
+
+    def load_prefix(self, prompt: int, group: int, start: int, kv: torch.Tensor) -> None:
+        """Copy reused K/V (L, 2, H, m, D) of one prompt into its `group` rows at slots [start, start+m).
+
+        The slots become valid keys and the rows' lengths become m (the positions the K/V was computed at).
+        """
+        tokens = kv.shape[3]
+        rows = slice(prompt * group, (prompt + 1) * group)
+        self.storage[:, :, rows, :, start:start + tokens] = kv[:, :, None].to(self.storage.dtype)
+        self.key_valid[rows, start:start + tokens] = True
+        self.lengths[rows] = tokens
+
+    def skip_to(self, slot: int) -> None:
+        """Move the cursor to `slot` after prefixes were loaded below it (unfilled slots stay invalid keys)."""
+        if slot > self.capacity:
+            raise GenerationError(f"cache overflow: cursor {slot} beyond capacity {self.capacity}")
+        self.length = slot
+        self.has_padding = self.has_padding or not bool(self.key_valid[:, :slot].all())
+
+    def read(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """K/V of one row at the given slots: (L, 2, H, len(slots), D)."""
+        return self.storage[:, :, row].index_select(3, slots.to(self.storage.device))

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ember.engine.cache import KVCache
 from ember.engine.cuda_graph import DecodeGraph
+from ember.engine.prefill import prefill
+from ember.engine.prefix_cache import PrefixCache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, sample
 from ember.engine.timers import StageTimer
 from ember.errors import GenerationError
@@ -112,12 +113,38 @@ class Engine:
     """Generation over an ember decoder. The model keeps no state; each batch owns one `KVCache`."""
 
     def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, version: str = "base"):
+        """`prefix_cache`: True for a default PrefixCache (16-token blocks, 1 GiB), a PrefixCache, or
+        False/None to prefill every prompt in full. `version` tags cached K/V with the weights that made it."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.progress = progress
         self.cuda_graphs = cuda_graphs  # replay decode steps as CUDA graphs when on a GPU
+        if prefix_cache is True:
+            prefix_cache = PrefixCache()
+        self.prefix_cache = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
+        self.version = version
+
+    def set_version(self, version: str, invalidate: bool = True) -> None:
+        """Switch the weights' version tag (e.g. after a LoRA update). Cached prefixes of other versions can
+        no longer be matched; with `invalidate` their memory is also freed now."""
+        old, self.version = self.version, version
+        if invalidate and self.prefix_cache is not None and old != version:
+            self.prefix_cache.invalidate(version=old)
+
+    @torch.inference_mode()
+    def pin_prefix(self, prompt, pinned: bool = True) -> int:
+        """Prefill a prefix (text or token ids) into the prefix cache if needed and pin (or unpin) its blocks,
+        so eviction never drops them. Returns the number of blocks pinned."""
+        if self.prefix_cache is None:
+            raise GenerationError("pin_prefix: this engine has no prefix cache (prefix_cache=False)")
+        tokens = self._requests([prompt], 1, None)[0].prompt
+        whole_blocks = len(tokens) - len(tokens) % self.prefix_cache.block_size
+        if pinned and self.prefix_cache.cached_tokens(tokens, self.version) < whole_blocks:
+            pad = 0 if self.tokenizer is None or self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+            prefill(self.model, [tokens], 1, 0, pad, self.prefix_cache, self.version)
+        return self.prefix_cache.pin(tokens, self.version, pinned)
 
     @classmethod
     def load(cls, spec: str, dtype="float32", device="cpu", seed: int = 0, **kwargs) -> "Engine":
@@ -139,12 +166,13 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool | None = None) -> GenerationResult:
+                 progress: bool | None = None, use_prefix_cache: bool = True) -> GenerationResult:
         """Generate `n` candidates for each prompt (text, or a list of token ids).
 
         `sampling` is one SamplingParams for all prompts or a list with one per prompt. Prompts are batched
         up to `max_batch_size` rows (prompts x n); each prompt is prefilled once per batch and its K/V shared
-        by its candidates. Returns outputs in prompt order with a stage timing breakdown.
+        by its candidates. Cached prefixes (across calls, and shared within the batch) are reused unless
+        `use_prefix_cache` is False. Returns outputs in prompt order with a stage timing breakdown.
         """
         requests = self._requests(prompts, n, sampling)
         timer = StageTimer(self.device)
@@ -153,15 +181,21 @@ class Engine:
         show = self.progress if progress is None else progress
         total_steps = sum(max(r.params.max_tokens for r in batch) for batch in batches)
         began = time.perf_counter()
+        stats_before = self.prefix_cache.stats.as_dict() if self.prefix_cache is not None else {}
         outputs = []
         with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
                   leave=False) as bar:
             for batch in batches:
-                outputs.extend(self._run_batch(batch, n, timer, bar))
+                outputs.extend(self._run_batch(batch, n, timer, bar, use_prefix_cache))
         timings = timer.totals()
         timings["total"] = time.perf_counter() - began
         generated = sum(len(c.token_ids) for out in outputs for c in out.completions)
-        return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, len(batches))
+        extra = {}
+        if self.prefix_cache is not None and use_prefix_cache:
+            extra["prefix_cache"] = {k: after - stats_before.get(k, 0)
+                                     for k, after in self.prefix_cache.stats.as_dict().items()}
+        return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, len(batches),
+                                extra)
 
     def _requests(self, prompts, n: int, sampling) -> list[_Request]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -198,24 +232,17 @@ class Engine:
         eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         return frozenset(params.stop_token_ids) | frozenset(eos)
 
-    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar) -> list[RequestOutput]:
+    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool):
         device, vocab = self.device, self.model.config.vocab_size
-        prompt_len = max(len(r.prompt) for r in requests)
         max_new = max(r.params.max_tokens for r in requests)
         pad = 0 if self.tokenizer is None or self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
-        ids = torch.full((len(requests), prompt_len), pad, dtype=torch.long)  # (P, T) left-padded
-        valid = torch.zeros((len(requests), prompt_len), dtype=torch.bool)
-        for i, r in enumerate(requests):
-            ids[i, prompt_len - len(r.prompt):] = torch.tensor(r.prompt)
-            valid[i, prompt_len - len(r.prompt):] = True
         rows = [(r.params, candidate_seed(r.seed, j)) for r in requests for j in range(n)]
         candidates = [_Candidate(j, r.params, self._stop_ids(r.params)) for r in requests for j in range(n)]
         knobs = RowKnobs.build(rows, device)
         banned = self._min_token_bans(candidates, vocab, device)
-        cache = KVCache(self.model.config, len(rows), prompt_len + max_new, self.dtype, device)
-
         with timer.stage("prefill"):
-            logits = self.model(ids.to(device), cache, valid.to(device), last_only=True)[:, -1]  # (P, V)
+            cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, pad,
+                                    self.prefix_cache if use_cache else None, self.version)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
         with timer.stage("decode"):  # capturing the step graph is part of the cost of decoding
             graph = DecodeGraph(self.model, cache) if self.cuda_graphs and device.type == "cuda" else None

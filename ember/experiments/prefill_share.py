@@ -37,7 +37,8 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     """Time every grid cell `repeats` times; returns one row per (cell, repeat) and the weights' provenance."""
     device = resolve_device(params.device)
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed,
-                         max_batch_size=max(64, params.prompts * params.candidates), progress=False)
+                         max_batch_size=max(64, params.prompts * params.candidates), progress=False,
+                         prefix_cache=False)  # measure raw rollouts: repeats must not reuse earlier prefills
     vocab = engine.model.config.vocab_size
     cells = [(c, g) for c in params.context_lens for g in params.gen_lens]
     rows = []

@@ -1,0 +1,88 @@
+"""Prefill of a batch of prompts into a fresh KVCache, reusing cached prefixes where a PrefixCache has them.
+
+Slot layout of a batch (one row group per prompt, `group` candidate rows each):
+
+    [ pad | reused prefix (copied from the prefix cache) | pad | computed suffix ]
+    0        head - m_i                                   head   head + width - s_i        head + width
+
+Reused prefixes are right-aligned below `head` (the longest reuse) and suffixes left-padded to `width`, so the
+forward pass runs once over the suffix columns. Positions follow each row's real token count, so a reused
+block's K/V (computed at positions 0..m-1) is exactly what a full prefill would have produced.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ember.engine.cache import KVCache
+from ember.engine.prefix_cache import PrefixCache, PrefixMatch
+
+
+def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pad_id: int,
+            prefix_cache: PrefixCache | None = None, version: str = "base") -> tuple[KVCache, torch.Tensor]:
+    """Prefill `prompts` once each into a cache of len(prompts) * group rows with room for `extra_capacity`
+    more tokens. Returns the cache and last-token logits (len(prompts), V)."""
+    if prefix_cache is not None:
+        warm_shared_prefixes(model, prompts, pad_id, prefix_cache, version)
+    return _prefill(model, prompts, group, extra_capacity, pad_id, prefix_cache, version)
+
+
+def _prefill(model, prompts, group, extra_capacity, pad_id, prefix_cache, version):
+    device, dtype = model.output_weight.device, model.output_weight.dtype
+    matches = [prefix_cache.match(p, version) if prefix_cache is not None else PrefixMatch(0, []) for p in prompts]
+    try:
+        head = max(m.tokens for m in matches)
+        suffixes = [p[m.tokens:] for p, m in zip(prompts, matches)]
+        width = max(map(len, suffixes))
+        cache = KVCache(model.config, len(prompts) * group, head + width + extra_capacity, dtype, device)
+        for index, match in enumerate(matches):
+            if match.tokens:
+                cache.load_prefix(index, group, head - match.tokens, PrefixCache.gather(match))
+        if head:
+            cache.skip_to(head)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (P, W) left-padded suffixes
+        valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for index, suffix in enumerate(suffixes):
+            ids[index, width - len(suffix):] = torch.tensor(suffix)
+            valid[index, width - len(suffix):] = True
+        logits = model(ids.to(device), cache, valid.to(device), last_only=True)[:, -1]  # (P, V)
+        if prefix_cache is not None:
+            for index, (prompt, match) in enumerate(zip(prompts, matches)):
+                slots = _prompt_slots(len(prompt), match.tokens, head, width)
+                prefix_cache.insert(prompt, version, lambda a, b, i=index, s=slots: cache.read(i * group, s[a:b]))
+    finally:
+        if prefix_cache is not None:
+            for match in matches:
+                prefix_cache.release(match)
+    return cache, logits
+
+
+def _prompt_slots(length: int, reused: int, head: int, width: int) -> torch.Tensor:
+    """Cache slot of each prompt token (length,) under the layout in the module docstring."""
+    prefix = torch.arange(head - reused, head)
+    suffix = torch.arange(head + width - (length - reused), head + width)
+    return torch.cat([prefix, suffix])
+
+
+def warm_shared_prefixes(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCache,
+                         version: str) -> int:
+    """Prefill, once, each block-aligned prefix that two or more prompts of the batch share and the cache
+    lacks, so the batch reuses it instead of computing it per prompt. Returns the number of prefixes warmed."""
+    size = prefix_cache.block_size
+    chains = [prefix_cache.block_keys(p[:-1], version) for p in prompts]
+    counts = Counter(key for chain in chains for key in chain)
+    targets = {}
+    for prompt, chain in zip(prompts, chains):
+        shared = [i for i, key in enumerate(chain) if counts[key] >= 2]
+        if not shared:
+            continue
+        deepest = shared[-1]
+        maximal = deepest + 1 == len(chain) or counts[chain[deepest + 1]] < 2
+        if maximal and chain[deepest] not in targets:
+            targets[chain[deepest]] = prompt[:(deepest + 1) * size]
+    todo = [p for p in targets.values() if prefix_cache.cached_tokens(p, version) < len(p)]
+    if todo:
+        _prefill(model, todo, 1, 0, pad_id, prefix_cache, version)
+    return len(todo)

@@ -1,0 +1,212 @@
+"""Prefix KV cache: block-granular reuse of prompt prefixes across prompts, candidates and calls.
+
+Blocks of `block_size` tokens are keyed by a chained hash (parent block key, block tokens) rooted at the
+model/adapter `version`, so an entry made by another version can never be matched. Each block holds its K/V
+for all layers, (L, 2, H_kv, block, D). Entries have reference counts (blocks in use by a running batch are
+never evicted), can be pinned, and are evicted least-recently-used, leaves first, under a byte budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.errors import GenerationError
+
+
+@dataclass
+class PrefixStats:
+    """Counters since creation (or `reset_stats`)."""
+
+    hits: int = 0  # requests that reused at least one block
+    misses: int = 0  # requests that reused nothing
+    tokens_reused: int = 0
+    tokens_recomputed: int = 0
+    evictions: int = 0
+    inserts: int = 0
+    insert_skipped: int = 0  # blocks not stored because nothing could be evicted
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Block:
+    key: int
+    parent: int | None
+    tokens: tuple[int, ...]
+    kv: torch.Tensor  # (L, 2, H, block, D)
+    version: str
+    refs: int = 0
+    pinned: bool = False
+    last_used: int = 0
+    children: set = field(default_factory=set)
+
+
+@dataclass
+class PrefixMatch:
+    """Cached blocks covering the first `tokens` tokens of a prompt; hold it until the K/V is copied out."""
+
+    tokens: int
+    blocks: list
+
+
+class PrefixCache:
+    """Block-granular prefix cache with LRU eviction under `max_bytes`."""
+
+    def __init__(self, block_size: int = 16, max_bytes: int = 1 << 30):
+        if block_size < 1 or max_bytes < 0:
+            raise GenerationError(f"prefix cache: expected block_size >= 1 and max_bytes >= 0, "
+                                  f"found {block_size}, {max_bytes}")
+        self.block_size = block_size
+        self.max_bytes = max_bytes
+        self.bytes_held = 0
+        self.stats = PrefixStats()
+        self._blocks: dict[int, _Block] = {}
+        self._clock = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def reset_stats(self) -> None:
+        self.stats = PrefixStats()
+
+    def _chain(self, tokens: list[int], version: str):
+        """(key, parent key, block tokens) for each full block of `tokens`."""
+        parent = None
+        size = self.block_size
+        for start in range(0, len(tokens) - size + 1, size):
+            block = tuple(tokens[start:start + size])
+            key = hash((parent if parent is not None else ("root", version), block))
+            yield key, parent, block
+            parent = key
+
+    def _lookup(self, key: int, parent: int | None, block: tuple, version: str) -> _Block | None:
+        entry = self._blocks.get(key)
+        if entry is None or entry.tokens != block or entry.parent != parent or entry.version != version:
+            return None  # absent, or a hash collision: never serve it
+        return entry
+
+    def block_keys(self, tokens: list[int], version: str) -> list[int]:
+        """Chain keys of the full blocks of `tokens` (cached or not)."""
+        return [key for key, _, _ in self._chain(tokens, version)]
+
+    def cached_tokens(self, tokens: list[int], version: str) -> int:
+        """How many leading tokens of `tokens` are cached, in whole blocks (no reference taken, no stats)."""
+        count = 0
+        for key, parent, block in self._chain(tokens, version):
+            if self._lookup(key, parent, block, version) is None:
+                break
+            count += self.block_size
+        return count
+
+    def match(self, tokens: list[int], version: str) -> PrefixMatch:
+        """Longest cached block-aligned prefix of `tokens`, leaving at least one token to compute.
+
+        The matched blocks are referenced (protected from eviction) until `release`.
+        """
+        blocks = []
+        for key, parent, block in self._chain(tokens[:-1], version):
+            entry = self._lookup(key, parent, block, version)
+            if entry is None:
+                break
+            blocks.append(entry)
+        now = next(self._clock)
+        for entry in blocks:
+            entry.refs += 1
+            entry.last_used = now
+        matched = len(blocks) * self.block_size
+        if blocks:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+        self.stats.tokens_reused += matched
+        self.stats.tokens_recomputed += len(tokens) - matched
+        return PrefixMatch(matched, blocks)
+
+    def release(self, match: PrefixMatch) -> None:
+        for entry in match.blocks:
+            entry.refs -= 1
+
+    @staticmethod
+    def gather(match: PrefixMatch) -> torch.Tensor:
+        """The matched K/V as one tensor (L, 2, H, tokens, D)."""
+        return torch.cat([entry.kv for entry in match.blocks], dim=3)
+
+    def insert(self, tokens: list[int], version: str, kv_of) -> int:
+        """Store the full blocks of `tokens` not cached yet. `kv_of(start, end)` returns their K/V
+        (L, 2, H, end-start, D). Returns the number of new blocks."""
+        added = 0
+        now = next(self._clock)
+        held = []  # the chain walked so far is protected from eviction while deeper blocks are added
+        try:
+            for index, (key, parent, block) in enumerate(self._chain(tokens, version)):
+                entry = self._lookup(key, parent, block, version)
+                if entry is None:
+                    if key in self._blocks or (parent is not None and parent not in self._blocks):
+                        break  # a hash collision with another chain: never overwrite it
+                    start = index * self.block_size
+                    kv = kv_of(start, start + self.block_size).contiguous().clone()
+                    size = kv.numel() * kv.element_size()
+                    if not self._make_room(size):
+                        self.stats.insert_skipped += 1
+                        break
+                    entry = self._blocks[key] = _Block(key, parent, block, kv, version)
+                    if parent is not None:
+                        self._blocks[parent].children.add(key)
+                    self.bytes_held += size
+                    added += 1
+                entry.last_used = now
+                entry.refs += 1
+                held.append(entry)
+        finally:
+            for entry in held:
+                entry.refs -= 1
+        self.stats.inserts += added
+        return added
+
+    def _make_room(self, size: int) -> bool:
+        while self.bytes_held + size > self.max_bytes:
+            victims = [b for b in self._blocks.values() if not b.children and b.refs == 0 and not b.pinned]
+            if not victims:
+                return False
+            self._remove(min(victims, key=lambda b: b.last_used))
+            self.stats.evictions += 1
+        return True
+
+    def _remove(self, entry: _Block) -> None:
+        for child in list(entry.children):
+            self._remove(self._blocks[child])
+        del self._blocks[entry.key]
+        if entry.parent is not None and entry.parent in self._blocks:
+            self._blocks[entry.parent].children.discard(entry.key)
+        self.bytes_held -= entry.kv.numel() * entry.kv.element_size()
+
+    def pin(self, tokens: list[int], version: str, pinned: bool = True) -> int:
+        """Pin (or unpin) the cached blocks of a prefix so eviction never takes them. Returns blocks touched."""
+        count = 0
+        for key, parent, block in self._chain(tokens, version):
+            entry = self._lookup(key, parent, block, version)
+            if entry is None:
+                break
+            entry.pinned = pinned
+            count += 1
+        return count
+
+    def invalidate(self, version: str | None = None, prefix: list[int] | None = None) -> int:
+        """Drop entries: of one version, under one prefix (with `version`), or all when both are None.
+        Blocks a running batch holds stay alive for it but can no longer be matched. Returns blocks dropped."""
+        before = len(self._blocks)
+        if prefix is not None:
+            if version is None:
+                raise GenerationError("invalidate(prefix=...): expected the version the prefix was cached under")
+            entries = [self._lookup(k, p, b, version) for k, p, b in self._chain(prefix, version)]
+            if entries and all(e is not None for e in entries):
+                self._remove(entries[-1])  # with everything cached below it
+        else:
+            for entry in [b for b in self._blocks.values() if version is None or b.version == version]:
+                if entry.key in self._blocks:
+                    self._remove(entry)
+        return before - len(self._blocks)

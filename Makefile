@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= default
 P ?=
-FIGURES := fig2
+FIGURES := fig2 fig6
 TEST_OUT := $(CURDIR)/.test-out
 
 .PHONY: setup all test bench lab clean help targets $(FIGURES)

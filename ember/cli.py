@@ -6,6 +6,7 @@
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
+  ember nbcheck fig6                              run a notebook at smoke and store its NBVAL_CHECK_OUTPUT cells
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def _figure(args) -> int:
 
     path = run_notebook(args.target, args.profile, args.set or "")
     print(f"executed notebook: {path}")
+    return 0
+
+
+def _nbcheck(args) -> int:
+    from ember.notebooks import refresh_checks
+
+    print(f"{args.target}: stored outputs of {refresh_checks(args.target)} checked cell(s)")
     return 0
 
 
@@ -90,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="default", choices=("smoke", "default", "paper"))
         p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
         p.set_defaults(func=func)
+    p = sub.add_parser("nbcheck", help="refresh the stored outputs nbval compares (runs the smoke profile)")
+    p.add_argument("target")
+    p.set_defaults(func=_nbcheck)
     p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
     p.add_argument("which", choices=["generate", "kvwire"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")

@@ -37,3 +37,48 @@ def run_notebook(target: str, profile: str = "default", overrides: str = "", pro
                                cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
     os.replace(partial, final)
     return final
+
+
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+
+
+def store_checked_outputs(target: str, executed: Path) -> int:
+    """Copy the outputs of `# NBVAL_CHECK_OUTPUT` cells from an executed run into the stored notebook (all
+    other outputs stay stripped), so nbval compares those cells for real. Returns the cells updated."""
+    import nbformat
+
+    source = notebook_for(target)
+    stored = nbformat.read(source, as_version=4)
+    ran = nbformat.read(executed, as_version=4)
+    checked_ran = [c for c in ran.cells if c.cell_type == "code" and CHECK_MARK in c.source]
+    updated = 0
+    for cell in (c for c in stored.cells if c.cell_type == "code"):
+        if CHECK_MARK in cell.source:
+            match = next((c for c in checked_ran if c.source == cell.source), None)
+            if match is None:
+                raise ReportError(f"{source.name}: checked cell not found in {executed}")
+            cell.outputs, cell.execution_count = match.outputs, 1
+            updated += 1
+        else:
+            cell.outputs, cell.execution_count = [], None
+    tmp = source.with_suffix(".ipynb.tmp")
+    nbformat.write(stored, tmp)
+    os.replace(tmp, source)
+    return updated
+
+
+def refresh_checks(target: str) -> int:
+    """Run a target's notebook at smoke in a scratch folder and store its checked outputs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        previous = os.environ.get("EMBER_OUT_ROOT")
+        os.environ["EMBER_OUT_ROOT"] = scratch
+        try:
+            executed = run_notebook(target, "smoke", "", progress=False)
+            return store_checked_outputs(target, executed)
+        finally:
+            if previous is None:
+                os.environ.pop("EMBER_OUT_ROOT")
+            else:
+                os.environ["EMBER_OUT_ROOT"] = previous

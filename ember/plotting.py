@@ -29,3 +29,23 @@ def stacked_shares(summary, stages, x: str, facet: str, title: str, xlabel: str,
     fig.suptitle(title, y=1.15)
     fig.tight_layout()
     return fig
+
+
+def measured_vs_bound(summary, x: str, y: str, bound: str, hue: str, title: str, xlabel: str, ylabel: str,
+                      hue_label: str):
+    """Measured `y` against `x`, one line per `hue` value, each with its bound as a dashed line."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    values = sorted(summary[hue].unique())
+    colors = sns.color_palette("deep", len(values))
+    for value, color in zip(values, colors):
+        part = summary[summary[hue] == value].sort_values(x)
+        ax.plot(part[x], part[y], marker="o", color=color, label=f"{hue_label} {value}: measured")
+        ax.plot(part[x], part[bound], linestyle="--", color=color, alpha=0.7, label=f"{hue_label} {value}: bound")
+    ax.axhline(0, color="0.6", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

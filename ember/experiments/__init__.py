@@ -6,7 +6,10 @@ import importlib
 
 from ember.errors import ParamsError
 
-EXPERIMENTS = {"prefill_share": "ember.experiments.prefill_share"}
+EXPERIMENTS = {
+    "prefill_share": "ember.experiments.prefill_share",
+    "prefix_savings": "ember.experiments.prefix_savings",
+}
 
 
 def experiment_module(name: str):

@@ -17,3 +17,14 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def shared_prefix_documents(vocab_size: int, count: int, prompt_len: int, prefix_len: int, seed: int,
+                            reserved: int = 4) -> list[list[int]]:
+    """`count` prompts of `prompt_len` tokens that share their first `prefix_len` tokens and differ after."""
+    if not 0 <= prefix_len < prompt_len:
+        raise ValueError(f"prefix_len: expected 0 <= prefix_len < prompt_len ({prompt_len}), found {prefix_len}")
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(reserved, vocab_size, (prefix_len,), generator=generator)
+    suffixes = torch.randint(reserved, vocab_size, (count, prompt_len - prefix_len), generator=generator)
+    return [prefix.tolist() + row for row in suffixes.tolist()]

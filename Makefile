@@ -1,6 +1,7 @@
 # ember: every figure/table is a parameterized notebook run headlessly by papermill.
 #   make all                      every figure at the default profile
 #   make fig2 PROFILE=paper P='repeats=5'
+#   make fig2 PROFILE=paper REUSE=1   render from results of `ember run fig2 --profile paper` (e.g. a GPU box)
 #   make test                     pytest + nbval (smoke profile)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,6 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= default
 P ?=
+REUSE ?=
 FIGURES := fig2 fig6
 TEST_OUT := $(CURDIR)/.test-out
 
@@ -30,7 +32,7 @@ all: $(FIGURES)
 
 # One rule for every figure/table: add the target's name to FIGURES.
 $(FIGURES): setup
-	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)"
+	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse)
 
 targets: setup
 	$(PY) -m ember.cli targets

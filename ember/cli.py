@@ -3,6 +3,8 @@
   ember targets                                   list figure/table targets and their profiles
   ember params fig2 --profile default --set 'repeats=5'   print the validated parameters
   ember figure fig2 --profile default --set '...'  execute notebooks/fig2_*.ipynb with papermill
+  ember run fig2 --profile paper                  the experiment alone (no Jupyter): results.csv + manifest.json
+  ember figure fig2 --profile paper --reuse       render the notebook from that run instead of measuring
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
@@ -39,8 +41,16 @@ def _params(args) -> int:
 def _figure(args) -> int:
     from ember.notebooks import run_notebook
 
-    path = run_notebook(args.target, args.profile, args.set or "")
+    path = run_notebook(args.target, args.profile, args.set or "", reuse=args.reuse)
     print(f"executed notebook: {path}")
+    return 0
+
+
+def _run(args) -> int:
+    from ember.notebooks import run_headless
+
+    for name, path in run_headless(args.target, args.profile, args.set or "").items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -92,11 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("targets", help="list targets").set_defaults(func=_targets)
     for name, func, helptext in (("params", _params, "print resolved parameters"),
-                                 ("figure", _figure, "execute a target's notebook headlessly")):
+                                 ("figure", _figure, "execute a target's notebook headlessly"),
+                                 ("run", _run, "run a target's experiment without a notebook")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("target", help="e.g. fig2")
         p.add_argument("--profile", default="default", choices=("smoke", "default", "paper"))
         p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
+        if name == "figure":
+            p.add_argument("--reuse", action="store_true", help="render from an existing run of these params")
         p.set_defaults(func=func)
     p = sub.add_parser("nbcheck", help="refresh the stored outputs nbval compares (runs the smoke profile)")
     p.add_argument("target")
@@ -120,6 +133,11 @@ def main(argv=None) -> int:
     except EmberError as error:
         print(f"ember: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a notebook cell failed: say which error, not papermill's whole trace
+        if type(error).__name__ != "PapermillExecutionError":
+            raise
+        print(f"ember: error: notebook cell failed: {error.ename}: {error.evalue}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

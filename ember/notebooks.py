@@ -20,10 +20,13 @@ def notebook_for(target: str) -> Path:
     return found[0]
 
 
-def run_notebook(target: str, profile: str = "default", overrides: str = "", progress: bool = True) -> Path:
+def run_notebook(target: str, profile: str = "default", overrides: str = "", progress: bool = True,
+                 reuse: bool = False) -> Path:
     """Execute a target's notebook with papermill; the executed copy lands in reports/<target>/ when done.
 
     Parameters are validated before any kernel starts, so a typo fails in a second, not after a long run.
+    `reuse` renders the figure from an existing run of the same params (see `run_headless`) instead of
+    measuring again.
     """
     import papermill
 
@@ -33,10 +36,26 @@ def run_notebook(target: str, profile: str = "default", overrides: str = "", pro
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / source.name
     partial = folder / f".{source.stem}.running.ipynb"
-    papermill.execute_notebook(str(source), str(partial), parameters={"profile": profile, "overrides": overrides},
+    papermill.execute_notebook(str(source), str(partial), parameters={"profile": profile, "overrides": overrides, "reuse": reuse},
                                cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
     os.replace(partial, final)
     return final
+
+
+def run_headless(target: str, profile: str = "default", overrides: str = "") -> dict[str, Path]:
+    """Run a target's experiment without a notebook (e.g. on a GPU machine without Jupyter) and write
+    results.csv + manifest.json; `make <target> REUSE=1` later renders the figure and macros from them."""
+    import time
+
+    from ember.experiments import experiment_module
+    from ember.params import load_params, read_params_file
+    from ember.report import publish
+
+    params = load_params(target, profile, overrides)
+    module = experiment_module(read_params_file(target)["experiment"])
+    began = time.perf_counter()
+    df, provenance = module.run(params)
+    return publish(params, df, provenance, {"experiment_s": time.perf_counter() - began})
 
 
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"

@@ -159,9 +159,12 @@ def write_macros(target: str, values: dict[str, float | int | str], digits: int 
 
 
 def publish(params, df, provenance: dict, timings: dict, fig=None, macros: dict | None = None,
-            extra: dict | None = None) -> dict[str, Path]:
-    """Write every output of a figure run: results.csv + manifest.json, figures/<target>.pdf|png, macros."""
-    manifest = build_manifest(params, provenance, timings, provenance.get("device", "cpu"), extra)
+            extra: dict | None = None, manifest: dict | None = None) -> dict[str, Path]:
+    """Write every output of a figure run: results.csv + manifest.json, figures/<target>.pdf|png, macros.
+
+    `manifest` keeps an existing run's manifest (re-rendering results measured elsewhere, e.g. on a GPU)."""
+    if manifest is None:
+        manifest = build_manifest(params, provenance, timings, provenance.get("device", "cpu"), extra)
     paths = {}
     if fig is not None:
         paths["figures"] = save_figure(fig, params.target)
@@ -169,3 +172,22 @@ def publish(params, df, provenance: dict, timings: dict, fig=None, macros: dict 
         paths["macros"] = write_macros(params.target, macros)
     paths.update(write_results(params.target, df, manifest))
     return paths
+
+
+def load_results(params) -> tuple:
+    """(results DataFrame, manifest) of a finished run of exactly these params, for re-rendering a figure
+    without re-running it. Raises ReportError if there is none or its params differ."""
+    import pandas as pd
+
+    folder = report_dir(params.target)
+    manifest_path, csv_path = folder / "manifest.json", folder / "results.csv"
+    if not manifest_path.exists() or not csv_path.exists():
+        raise ReportError(f"reuse: expected a finished run in {folder} (results.csv + manifest.json), found none")
+    manifest = json.loads(manifest_path.read_text())
+    wanted = json.loads(json.dumps(dataclasses.asdict(params), default=str))
+    if manifest.get("params") != wanted:
+        diff = sorted(k for k in set(wanted) | set(manifest.get("params", {}))
+                      if wanted.get(k) != manifest.get("params", {}).get(k))
+        raise ReportError(f"reuse: the run in {folder} has other params (differs in {diff})")
+    manifest["rerendered"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return pd.read_csv(csv_path), manifest

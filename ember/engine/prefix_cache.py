@@ -8,7 +8,7 @@ never evicted), can be pinned, and are evicted least-recently-used, leaves first
 
 from __future__ import annotations
 
-import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +41,6 @@ class _Block:
     version: str
     refs: int = 0
     pinned: bool = False
-    last_used: int = 0
     children: set = field(default_factory=set)
 
 
@@ -64,8 +63,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.bytes_held = 0
         self.stats = PrefixStats()
-        self._blocks: dict[int, _Block] = {}
-        self._clock = itertools.count(1)
+        self._blocks: OrderedDict[int, _Block] = OrderedDict()  # least recently used first
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -113,10 +111,9 @@ class PrefixCache:
             if entry is None:
                 break
             blocks.append(entry)
-        now = next(self._clock)
-        for entry in blocks:
+        for entry in blocks:  # root first: a parent is never more recent than its children
             entry.refs += 1
-            entry.last_used = now
+            self._blocks.move_to_end(entry.key)
         matched = len(blocks) * self.block_size
         if blocks:
             self.stats.hits += 1
@@ -136,11 +133,13 @@ class PrefixCache:
         return torch.cat([entry.kv for entry in match.blocks], dim=3)
 
     def insert(self, tokens: list[int], version: str, kv_of) -> int:
-        """Store the full blocks of `tokens` not cached yet. `kv_of(start, end)` returns their K/V
-        (L, 2, H, end-start, D). Returns the number of new blocks."""
+        """Store the full blocks of `tokens` not cached yet. `kv_of(start, end)` returns the K/V of tokens
+        [start, end) as (L, 2, H, end-start, D); it is called once, for the span of the missing blocks.
+        Returns the number of new blocks."""
         added = 0
-        now = next(self._clock)
         held = []  # the chain walked so far is protected from eviction while deeper blocks are added
+        span = None  # K/V of tokens [span_start, len(full blocks)), fetched once for all missing blocks
+        size_tokens = len(tokens) - len(tokens) % self.block_size
         try:
             for index, (key, parent, block) in enumerate(self._chain(tokens, version)):
                 entry = self._lookup(key, parent, block, version)
@@ -148,7 +147,10 @@ class PrefixCache:
                     if key in self._blocks or (parent is not None and parent not in self._blocks):
                         break  # a hash collision with another chain: never overwrite it
                     start = index * self.block_size
-                    kv = kv_of(start, start + self.block_size).contiguous().clone()
+                    if span is None:
+                        span_start, span = start, kv_of(start, size_tokens)
+                    offset = start - span_start
+                    kv = span[:, :, :, offset:offset + self.block_size].clone()
                     size = kv.numel() * kv.element_size()
                     if not self._make_room(size):
                         self.stats.insert_skipped += 1
@@ -158,7 +160,7 @@ class PrefixCache:
                         self._blocks[parent].children.add(key)
                     self.bytes_held += size
                     added += 1
-                entry.last_used = now
+                self._blocks.move_to_end(entry.key)
                 entry.refs += 1
                 held.append(entry)
         finally:
@@ -168,13 +170,24 @@ class PrefixCache:
         return added
 
     def _make_room(self, size: int) -> bool:
+        """Evict least recently used leaves (unpinned, unreferenced) until `size` more bytes fit."""
+        victim = None
         while self.bytes_held + size > self.max_bytes:
-            victims = [b for b in self._blocks.values() if not b.children and b.refs == 0 and not b.pinned]
-            if not victims:
-                return False
-            self._remove(min(victims, key=lambda b: b.last_used))
+            if victim is None:
+                victim = next((b for b in self._blocks.values() if self._evictable(b)), None)
+                if victim is None:
+                    return False
+            parent = self._blocks.get(victim.parent) if victim.parent is not None else None
+            self._remove(victim)
             self.stats.evictions += 1
+            # everything before the parent in LRU order was not evictable, so a parent that just became an
+            # evictable leaf is the next least recently used one: no rescan needed
+            victim = parent if parent is not None and self._evictable(parent) else None
         return True
+
+    @staticmethod
+    def _evictable(block: _Block) -> bool:
+        return not block.children and block.refs == 0 and not block.pinned
 
     def _remove(self, entry: _Block) -> None:
         for child in list(entry.children):

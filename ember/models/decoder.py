@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ember.engine.cache import KVCache
 from ember.models.config import ModelConfig
@@ -152,9 +153,10 @@ class DecoderLM(nn.Module):
 
 
 def attention_mask(cache: KVCache, rows: int, start: int, steps: int):
-    """Mask for queries at slots [start, start+T) over keys [0, start+T): (bool mask (b,1,T,S') | None, is_causal).
+    """Mask for queries at slots [start, start+T) over keys [0, start+T): (mask | None, is_causal).
 
-    Without padding, plain causal attention needs no mask (fast kernels). With padding, a query may see valid
+    Without padding, causal attention needs no explicit mask (fast kernels): none for one query, `is_causal`
+    from slot 0, a lower-right causal bias after cached slots. With padding, a query may see valid
     keys at or before its slot; it always sees itself so a padding query never has an empty row.
     """
     end = start + steps
@@ -163,6 +165,7 @@ def attention_mask(cache: KVCache, rows: int, start: int, steps: int):
             return None, False
         if start == 0:
             return None, True
+        return causal_lower_right(steps, end), False  # after a reused prefix: fused kernels still apply
     device = cache.key_valid.device
     query_slot = torch.arange(start, end, device=device)[:, None]  # (T, 1)
     key_slot = torch.arange(end, device=device)[None, :]  # (1, S')

@@ -49,3 +49,21 @@ def test_cuda_graph_decode_matches_eager():
         for x, y in zip(a.completions, b.completions):
             assert x.token_ids == y.token_ids
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+
+
+def test_prefix_cache_reuse_on_cuda_matches_full_prefill():
+    from ember.engine.prefix_cache import PrefixCache
+
+    loaded = load("tiny-llama")
+    loaded.model.to("cuda")
+    shared = "Shared instructions for every document, long enough for blocks. "
+    docs = [shared + f"Doc {i}: the code is {1000 + i}." for i in range(5)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    off = Engine(loaded.model, loaded.tokenizer, prefix_cache=False).generate(docs, sampling=greedy)
+    engine = Engine(loaded.model, loaded.tokenizer, prefix_cache=PrefixCache(block_size=8))
+    for _ in range(2):
+        on = engine.generate(docs, sampling=greedy)
+        for a, b in zip(off.outputs, on.outputs):
+            assert a.completions[0].token_ids == b.completions[0].token_ids
+            assert a.completions[0].logprobs == pytest.approx(b.completions[0].logprobs, abs=1e-4)
+    assert on.extra["prefix_cache"]["tokens_reused"] > 0

@@ -17,6 +17,20 @@ import yaml
 from ember.errors import ParamsError
 
 PROFILES = ("smoke", "default", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParams:
+    """Fields every experiment shares; each experiment's `Params` extends it with its grid and workload."""
+
+    target: str = ""
+    profile: str = "smoke"
+    model: str = "tiny-qwen3"
+    dtype: str = "float32"
+    device: str = "auto"
+    warmup: int = 1
+    repeats: int = 1
+    seed: int = 0
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 
 

@@ -9,28 +9,22 @@ from tqdm.auto import tqdm
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.workloads import random_prompts, resolve_device
+from ember.params import RunParams
 from ember.report import macro_name
 
 STAGES = ("prefill", "decode", "sampling", "other")
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(RunParams):
     """Grid and workload of fig2. Every cell runs `prompts` prompts x `candidates` candidates."""
 
-    target: str = "fig2"
-    profile: str = "smoke"
-    model: str = "tiny-qwen3"
-    dtype: str = "float32"
-    device: str = "auto"
     context_lens: tuple[int, ...] = (32, 64)
     gen_lens: tuple[int, ...] = (8, 16)
     prompts: int = 1
     candidates: int = 4
     temperature: float = 1.0
-    warmup: int = 1
     repeats: int = 2
-    seed: int = 0
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:

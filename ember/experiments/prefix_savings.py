@@ -12,27 +12,20 @@ from ember.engine import Engine, SamplingParams
 from ember.engine.prefix_cache import PrefixCache
 from ember.experiments.workloads import resolve_device, shared_prefix_documents
 from ember.models.flops import prefill_flops
+from ember.params import RunParams
 from ember.report import macro_name
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(RunParams):
     """Grid (prompt length x shared-prefix length) and workload of fig6."""
 
-    target: str = "fig6"
-    profile: str = "smoke"
-    model: str = "tiny-qwen3"
-    dtype: str = "float32"
-    device: str = "auto"
     prompt_lens: tuple[int, ...] = (64, 128)
     prefix_lens: tuple[int, ...] = (0, 32, 64, 96)
     documents: int = 6
     batch_size: int = 3
     block_size: int = 16
     cache_mb: int = 1024
-    warmup: int = 1
-    repeats: int = 1
-    seed: int = 0
 
 
 def cells(params: Params) -> list[tuple[int, int]]:

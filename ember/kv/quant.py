@@ -38,7 +38,9 @@ NF4_LEVELS = torch.tensor([
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized: scheme, granularity (with token block size), symmetry, scale dtype."""
+    """How one tensor is quantized: scheme, granularity (with token block size), symmetry, scale dtype.
+
+    `symmetric=False` (a zero point per group) applies to int8 / int4; nf4 and fp8 are symmetric by design."""
 
     scheme: str = "int8"
     granularity: str = "head"
@@ -55,8 +57,6 @@ class QuantSpec:
             raise KVWireError(f"block_tokens: expected 1..65535, found {self.block_tokens}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise KVWireError(f"scale_dtype: expected one of {tuple(SCALE_DTYPES)}, found {self.scale_dtype!r}")
-        if not self.symmetric and self.scheme not in ("int8", "int4"):
-            raise KVWireError(f"asymmetric quantization: only int8 / int4, found scheme {self.scheme!r}")
 
     @property
     def has_offset(self) -> bool:

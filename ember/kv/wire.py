@@ -38,25 +38,21 @@ LIMITS = {"layers": 1024, "heads": 1024, "head_dim": 4096, "tokens": 1 << 26, "b
 
 
 @dataclass(frozen=True)
-class WireConfig:
-    """Encoding choices. `scheme` is the precision of every cell unless a precision map says otherwise."""
+class WireConfig(QuantSpec):
+    """Encoding choices: a QuantSpec whose `scheme` is the precision of every cell unless a precision map
+    says otherwise, plus the value dtype and the optional zstd stage."""
 
-    scheme: str = "int8"
-    granularity: str = "head"
-    block_tokens: int = 1
-    symmetric: bool = True
-    scale_dtype: str = "fp16"
     value_dtype: str = "fp16"
     zstd: bool = False
 
     def __post_init__(self):
-        self.spec(self.scheme)  # validates scheme / granularity / block / symmetry / scale dtype
+        super().__post_init__()
         if self.value_dtype not in VALUE_DTYPES:
             raise KVWireError(f"value_dtype: expected one of {tuple(VALUE_DTYPES)}, found {self.value_dtype!r}")
 
     def spec(self, precision: str) -> QuantSpec:
-        symmetric = self.symmetric or precision not in ("int8", "int4")
-        return QuantSpec(precision, self.granularity, self.block_tokens, symmetric, self.scale_dtype)
+        """The QuantSpec of cells of one precision."""
+        return QuantSpec(precision, self.granularity, self.block_tokens, self.symmetric, self.scale_dtype)
 
 
 @dataclass

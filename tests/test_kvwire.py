@@ -256,3 +256,20 @@ def test_cli_inspect(tmp_path, capsys):
     path.write_bytes(b"junk")
     assert main(["kvwire", "inspect", str(path)]) == 2
     assert "length: expected at least" in capsys.readouterr().err
+
+
+def test_precision_groups_with_drops_and_a_layer_schedule():
+    from ember.kv.wire import payload_from_groups
+
+    full = _payload(layers=3, tokens=6, context=6)
+    groups = ["fp16", "drop", "int8", "int4", "drop", "int8"]
+    payload = payload_from_groups(full.k, full.v, groups, layer_precision=[None, None, "fp16"])
+    assert payload.positions.tolist() == [0, 2, 3, 5]
+    blob = pack(payload, WireConfig("int8", "token"))
+    out = unpack(blob)
+    assert out.positions.tolist() == [0, 2, 3, 5] and out.k.shape == (3, 3, 4, 8)
+    assert torch.equal(out.k[2], full.k[2][:, [0, 2, 3, 5]].half())  # the fp16 last layer is exact
+    assert torch.equal(out.k[0][:, 0], full.k[0][:, 0].half())  # an fp16 token is exact
+    assert len(blob) < len(pack(_payload(layers=3, tokens=6, context=6), WireConfig("fp16")))
+    with pytest.raises(KVWireError, match="groups"):
+        payload_from_groups(full.k, full.v, ["int2"] * 6)

@@ -434,3 +434,28 @@ def _decode_codes(raw: bytearray, name: str, spec: QuantSpec, count: int, vdtype
     if name == "int8" and spec.symmetric:
         return data.view(torch.int8)
     return data
+
+
+GROUPS = ("drop", "fp16", "int8", "int4", "nf4", "fp8")
+
+
+def payload_from_groups(k: torch.Tensor, v: torch.Tensor, groups, context_len: int | None = None,
+                        layer_precision=None) -> KVPayload:
+    """A payload from a caller's per-token precision groups over a whole context: K, V (L, H, T, D) and
+    `groups`, T names from GROUPS. 'drop' tokens are left out of the blob; the rest keep their precision.
+    `layer_precision` (L names or None per layer) overrides whole layers, e.g. the last N layers in 'fp16'."""
+    tokens = k.shape[2]
+    if len(groups) != tokens or any(g not in GROUPS for g in groups):
+        raise KVWireError(f"groups: expected {tokens} names from {GROUPS}, found {list(groups)[:8]}...")
+    keep = torch.tensor([g != "drop" for g in groups], dtype=torch.bool)
+    index = keep.nonzero()[:, 0]
+    token_precision = torch.tensor([PRECISION_CODES[g] for g in groups if g != "drop"], dtype=torch.uint8)
+    layers = None
+    if layer_precision is not None:
+        if len(layer_precision) != k.shape[0] or any(p not in (None, *PRECISION_CODES) for p in layer_precision):
+            raise KVWireError(f"layer_precision: expected {k.shape[0]} entries from {(None, *PRECISION_CODES)}, "
+                              f"found {list(layer_precision)}")
+        layers = torch.tensor([INHERIT if p is None else PRECISION_CODES[p] for p in layer_precision],
+                              dtype=torch.uint8)
+    return KVPayload(k[:, :, index.to(k.device)], v[:, :, index.to(v.device)], index,
+                     tokens if context_len is None else context_len, token_precision, layers)

@@ -13,11 +13,11 @@ REUSE ?=
 FIGURES := fig2 fig6
 TEST_OUT := $(CURDIR)/.test-out
 
-.PHONY: setup all test bench lab clean help targets $(FIGURES)
+.PHONY: setup all test bench lab clean help targets models $(FIGURES)
 
 help:
 	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup all $(FIGURES) test bench lab clean"
+	@echo "targets: setup all $(FIGURES) models test bench lab clean"
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ $(FIGURES): setup
 
 targets: setup
 	$(PY) -m ember.cli targets
+
+models: setup
+	$(PY) -m ember.cli models
 
 test: setup
 	rm -rf $(TEST_OUT)

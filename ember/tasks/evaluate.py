@@ -24,3 +24,21 @@ def evaluate(engine, items, score, max_tokens: int = 16, progress: bool | None =
     outputs = [out.completions[0].text for out in result.outputs]
     flags = [bool(score(item, text)) for item, text in zip(items, outputs)]
     return {**accuracy(flags), "items": [{"output": o, "correct": f} for o, f in zip(outputs, flags)]}
+
+
+def evaluate_benchmark(engine, task: str, split: str = "test", shots: int = 0, limit: int | None = None,
+                       max_tokens: int | None = None, progress: bool | None = None) -> dict:
+    """Accuracy (with a 95% Wilson interval) of greedy answers on a benchmark split. Few-shot examples come
+    from the first `shots` records of the validation/dev split (or the split itself, skipped for scoring)."""
+    from ember.tasks.datasets import SPLITS, load
+    from ember.tasks.prompts import BenchmarkItem, score
+
+    records = load(task, split)
+    pool_split = next((s for s in ("dev", "validation") if s in SPLITS[task] and s != split), None)
+    pool = load(task, pool_split) if pool_split else records
+    examples = tuple(pool[:shots])
+    if pool_split is None:
+        records = records[shots:]
+    items = [BenchmarkItem(r, examples) for r in records[:limit]]
+    budget = max_tokens or (256 if task == "gsm8k" else 16)
+    return {"task": task, "split": split, "shots": shots, **evaluate(engine, items, score, budget, progress)}

@@ -88,3 +88,34 @@ def test_benchmark_sets_have_the_documented_sizes():
     assert len(records) == 500 and all(len(r.choices) == 4 and 0 <= int(r.answer) < 4 for r in records)
     with pytest.raises(datasets.DatasetError, match="split of gsm8k"):
         datasets.load("gsm8k", "validation")
+
+
+def test_extraction_verifier_scores_hand_written_outputs():
+    import json
+
+    from ember.tasks.extraction import extract_json, make_extraction, verify
+
+    item = make_extraction(seed=5)
+    assert item.answer["name"] in item.document and str(item.answer["age"]) in item.document
+    perfect = verify(item, "Here you go:\n```json\n" + json.dumps(item.answer) + "\n```")
+    assert perfect == {"valid_json": True, "schema_valid": True, "field_match": 1.0, "reward": 1.0}
+    wrong_age = dict(item.answer, age=str(item.answer["age"]))  # a string where the schema wants an integer
+    result = verify(item, json.dumps(wrong_age))
+    assert result["valid_json"] and not result["schema_valid"] and result["field_match"] == 0.75
+    assert result["reward"] == 0.75 * 0.75
+    assert verify(item, "no json here")["reward"] == 0.0
+    assert verify(item, '{"name": "x", "extra": 1}')["schema_valid"] is False
+    assert extract_json('text {"a": "}"} more') == {"a": "}"}
+    assert extract_json("{broken} then {\"ok\": true}") == {"ok": True}
+
+
+def test_shared_prefix_workload_has_exact_token_lengths():
+    from ember.models.tokenizer import CharTokenizer
+    from ember.tasks.shared_prefix import shared_prefix_workload
+
+    tok = CharTokenizer()
+    work = shared_prefix_workload(tok, documents=4, prefix_tokens=300, suffix_tokens=50, seed=1)
+    assert all(len(p) == 350 for p in work.prompts)
+    assert all(p[:300] == work.prompts[0][:300] for p in work.prompts)
+    assert len({tuple(p[300:]) for p in work.prompts}) == 4
+    assert work.prefix_text.startswith("You extract structured records")

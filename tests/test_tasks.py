@@ -119,3 +119,10 @@ def test_shared_prefix_workload_has_exact_token_lengths():
     assert all(p[:300] == work.prompts[0][:300] for p in work.prompts)
     assert len({tuple(p[300:]) for p in work.prompts}) == 4
     assert work.prefix_text.startswith("You extract structured records")
+
+
+def test_removing_the_fact_removes_the_information():
+    item = make_recall(10, seed=2)
+    lost = item.without_fact()
+    assert item.answer in item.context and f"The code for {item.key} is" not in lost.context
+    assert lost.context.count("The code for") == 9 and lost.question == item.question

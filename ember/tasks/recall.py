@@ -29,6 +29,12 @@ class RecallItem:
     fact_index: int
     facts: int
 
+    def without_fact(self) -> "RecallItem":
+        """The same item with the asked fact removed from the context (the information is lost)."""
+        fact = f"The code for {self.key} is {self.answer}."
+        return RecallItem(self.context.replace(fact, "").replace("  ", " ").strip(), self.question, self.answer,
+                          self.key, self.fact_index, self.facts)
+
     def messages(self) -> list[dict]:
         """Chat messages for an instruct model."""
         return [{"role": "user", "content": f"{self.context}\n\n{self.question} Answer with the 4-digit code only."}]

@@ -22,9 +22,11 @@ def run(model: str, facts: list[int], items: int, seed: int, dtype: str, device:
               "device": device_info(device), "versions": versions(), "git": git_state(), "results": []}
     for count in facts:
         began = time.perf_counter()
-        result = evaluate(engine, recall_items(items, count, seed=seed), score, max_tokens=max_tokens)
+        tasks = recall_items(items, count, seed=seed)
+        result = evaluate(engine, tasks, score, max_tokens=max_tokens)
+        lost = evaluate(engine, [t.without_fact() for t in tasks], score, max_tokens=max_tokens)
         row = {k: result[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
-        row.update(facts=count, seconds=round(time.perf_counter() - began, 1),
+        row.update(facts=count, accuracy_fact_removed=lost["accuracy"], seconds=round(time.perf_counter() - began, 1),
                    examples=[r["output"] for r in result["items"][:3]])
         report["results"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)

@@ -15,7 +15,7 @@ from ember.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back, as the reference implementation does."""
+    """RMSNorm normalized in fp32 (one fused kernel), cast back, then scaled: the reference's rounding order."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -23,10 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

@@ -64,6 +64,8 @@ def test_evictions_mid_run_keep_outputs_exact(loaded):
         _assert_same(engine.generate(prompts, sampling=GREEDY), references[id(prompts)])
     assert engine.prefix_cache.stats.evictions > 0
     assert engine.prefix_cache.bytes_held <= 5 * kv_block_bytes
+    last = engine.generate(DOCS[:1], sampling=GREEDY).extra["prefix_cache"]
+    assert last["bytes_held"] == engine.prefix_cache.bytes_held and last["blocks"] == len(engine.prefix_cache)
 
 
 def test_versions_are_never_served_stale(loaded):

@@ -194,6 +194,7 @@ class Engine:
         if self.prefix_cache is not None and use_prefix_cache:
             extra["prefix_cache"] = {k: after - stats_before.get(k, 0)
                                      for k, after in self.prefix_cache.stats.as_dict().items()}
+            extra["prefix_cache"].update(bytes_held=self.prefix_cache.bytes_held, blocks=len(self.prefix_cache))
         return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, len(batches),
                                 extra)
 

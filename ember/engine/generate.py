@@ -142,8 +142,7 @@ class Engine:
         tokens = self._requests([prompt], 1, None)[0].prompt
         whole_blocks = len(tokens) - len(tokens) % self.prefix_cache.block_size
         if pinned and self.prefix_cache.cached_tokens(tokens, self.version) < whole_blocks:
-            pad = 0 if self.tokenizer is None or self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
-            prefill(self.model, [tokens], 1, 0, pad, self.prefix_cache, self.version)
+            prefill(self.model, [tokens], 1, 0, self._pad_id, self.prefix_cache, self.version)
         return self.prefix_cache.pin(tokens, self.version, pinned)
 
     @classmethod
@@ -159,6 +158,13 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.model.output_weight.device
+
+    @property
+    def _pad_id(self) -> int:
+        """Token id that fills left padding (its K/V is masked out, so any valid id works)."""
+        if self.tokenizer is None or self.tokenizer.pad_token_id is None:
+            return 0
+        return self.tokenizer.pad_token_id
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,20 +242,20 @@ class Engine:
     def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool):
         device, vocab = self.device, self.model.config.vocab_size
         max_new = max(r.params.max_tokens for r in requests)
-        pad = 0 if self.tokenizer is None or self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
         rows = [(r.params, candidate_seed(r.seed, j)) for r in requests for j in range(n)]
         candidates = [_Candidate(j, r.params, self._stop_ids(r.params)) for r in requests for j in range(n)]
         knobs = RowKnobs.build(rows, device)
         banned = self._min_token_bans(candidates, vocab, device)
+        ban_steps = max(c.params.min_tokens for c in candidates)  # steps during which some row bans stop tokens
         with timer.stage("prefill"):
-            cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, pad,
+            cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, self._pad_id,
                                     self.prefix_cache if use_cache else None, self.version)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
         with timer.stage("decode"):  # capturing the step graph is part of the cost of decoding
             graph = DecodeGraph(self.model, cache) if self.cuda_graphs and device.type == "cuda" else None
         for step in range(max_new):
             with timer.stage("sampling"):
-                ban = banned if banned is not None and step < max(c.params.min_tokens for c in candidates) else None
+                ban = banned if banned is not None and step < ban_steps else None
                 if ban is not None:
                     ban = ban & torch.tensor([step < c.params.min_tokens for c in candidates], device=device)[:, None]
                 drawn = sample(logits, knobs, step, banned=ban)

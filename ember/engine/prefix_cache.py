@@ -18,7 +18,7 @@ from ember.errors import GenerationError
 
 @dataclass
 class PrefixStats:
-    """Counters since creation (or `reset_stats`)."""
+    """Counters since the cache was created."""
 
     hits: int = 0  # requests that reused at least one block
     misses: int = 0  # requests that reused nothing
@@ -68,9 +68,6 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def reset_stats(self) -> None:
-        self.stats = PrefixStats()
-
     def _chain(self, tokens: list[int], version: str):
         """(key, parent key, block tokens) for each full block of `tokens`."""
         parent = None
@@ -87,30 +84,30 @@ class PrefixCache:
             return None  # absent, or a hash collision: never serve it
         return entry
 
+    def _cached_prefix(self, tokens: list[int], version: str) -> list[_Block]:
+        """The cached blocks covering the longest block-aligned prefix of `tokens` (no refs, no stats)."""
+        entries = []
+        for key, parent, block in self._chain(tokens, version):
+            entry = self._lookup(key, parent, block, version)
+            if entry is None:
+                break
+            entries.append(entry)
+        return entries
+
     def block_keys(self, tokens: list[int], version: str) -> list[int]:
         """Chain keys of the full blocks of `tokens` (cached or not)."""
         return [key for key, _, _ in self._chain(tokens, version)]
 
     def cached_tokens(self, tokens: list[int], version: str) -> int:
         """How many leading tokens of `tokens` are cached, in whole blocks (no reference taken, no stats)."""
-        count = 0
-        for key, parent, block in self._chain(tokens, version):
-            if self._lookup(key, parent, block, version) is None:
-                break
-            count += self.block_size
-        return count
+        return len(self._cached_prefix(tokens, version)) * self.block_size
 
     def match(self, tokens: list[int], version: str) -> PrefixMatch:
         """Longest cached block-aligned prefix of `tokens`, leaving at least one token to compute.
 
         The matched blocks are referenced (protected from eviction) until `release`.
         """
-        blocks = []
-        for key, parent, block in self._chain(tokens[:-1], version):
-            entry = self._lookup(key, parent, block, version)
-            if entry is None:
-                break
-            blocks.append(entry)
+        blocks = self._cached_prefix(tokens[:-1], version)
         for entry in blocks:  # root first: a parent is never more recent than its children
             entry.refs += 1
             self._blocks.move_to_end(entry.key)
@@ -199,14 +196,10 @@ class PrefixCache:
 
     def pin(self, tokens: list[int], version: str, pinned: bool = True) -> int:
         """Pin (or unpin) the cached blocks of a prefix so eviction never takes them. Returns blocks touched."""
-        count = 0
-        for key, parent, block in self._chain(tokens, version):
-            entry = self._lookup(key, parent, block, version)
-            if entry is None:
-                break
+        entries = self._cached_prefix(tokens, version)
+        for entry in entries:
             entry.pinned = pinned
-            count += 1
-        return count
+        return len(entries)
 
     def invalidate(self, version: str | None = None, prefix: list[int] | None = None) -> int:
         """Drop entries: of one version, under one prefix (with `version`), or all when both are None.
@@ -215,8 +208,8 @@ class PrefixCache:
         if prefix is not None:
             if version is None:
                 raise GenerationError("invalidate(prefix=...): expected the version the prefix was cached under")
-            entries = [self._lookup(k, p, b, version) for k, p, b in self._chain(prefix, version)]
-            if entries and all(e is not None for e in entries):
+            entries = self._cached_prefix(prefix, version)
+            if entries and len(entries) == len(prefix) // self.block_size:
                 self._remove(entries[-1])  # with everything cached below it
         else:
             for entry in [b for b in self._blocks.values() if version is None or b.version == version]:

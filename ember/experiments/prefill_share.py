@@ -36,7 +36,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     vocab = engine.model.config.vocab_size
     cells = [(c, g) for c in params.context_lens for g in params.gen_lens]
     rows = []
-    for context, gen in tqdm(cells, desc=params.target, disable=progress is False if progress is not None else None):
+    for context, gen in tqdm(cells, desc=params.target, disable=None if progress is None else not progress):
         prompts = random_prompts(vocab, params.prompts, context, params.seed + context)
         sampling = SamplingParams(temperature=params.temperature, max_tokens=gen, ignore_eos=True, seed=params.seed)
         for _ in range(params.warmup):

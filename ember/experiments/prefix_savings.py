@@ -70,7 +70,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
                    "prefill_off_s": off.timings["prefill"], "prefill_on_s": on.timings["prefill"],
                    "tokens_reused": stats["tokens_reused"], "tokens_recomputed": stats["tokens_recomputed"],
                    "hits": stats["hits"], "misses": stats["misses"], "evictions": stats["evictions"],
-                   "cache_bytes": engine.prefix_cache.bytes_held}
+                   "cache_bytes": stats["bytes_held"]}
             row.update(flop_bounds(config, prompt, prefix, params.documents, params.block_size))
             rows.append(row)
     df = pd.DataFrame(rows)

@@ -203,17 +203,17 @@ def pack(payload: KVPayload, config: WireConfig) -> bytes:
         tp = payload.token_precision if payload.token_precision is not None else \
             torch.full((tokens,), PRECISION_CODES[config.scheme])
         maps = _tensor_bytes(lp.to(torch.uint8)) + _tensor_bytes(tp.to(torch.uint8))
-    payload_bytes, scale_bytes = b"".join(body_payload), b"".join(body_scales)
-    body = indices + maps + payload_bytes + scale_bytes
+    payload_len, scale_len = sum(map(len, body_payload)), sum(map(len, body_scales))
+    body = b"".join([indices, maps, *body_payload, *body_scales])  # one copy of the sections
     stored = _zstd().ZstdCompressor(level=3).compress(body) if config.zstd else body
     flags = (FLAG_INDEX32 if width == 4 else 0) | (FLAG_MAP if has_map else 0) | \
         (FLAG_ZSTD if config.zstd else 0) | (0 if config.symmetric else FLAG_ASYMMETRIC)
     header = HEADER.pack(MAGIC, VERSION, flags, PRECISION_CODES[config.scheme], GRANULARITY_CODES[config.granularity],
                          DTYPE_CODES[config.scale_dtype], DTYPE_CODES[config.value_dtype], layers, heads, dim,
                          config.block_tokens, tokens, payload.context_len, len(indices), len(maps),
-                         len(payload_bytes), len(scale_bytes), len(stored))
-    blob = header + stored
-    return blob + struct.pack("<I", zlib.crc32(blob))
+                         payload_len, scale_len, len(stored))
+    checksum = zlib.crc32(stored, zlib.crc32(header))  # CRC of header + body without joining them first
+    return b"".join([header, stored, struct.pack("<I", checksum)])
 
 
 def _scale_bytes(q: Quantized) -> bytes:
@@ -328,7 +328,7 @@ def inspect(blob: bytes) -> WireInfo:
     if idx_len + map_len + pay_len + scale_len > LIMITS["body"]:
         raise KVWireError(f"body: expected at most {LIMITS['body']} bytes, found {idx_len + map_len + pay_len + scale_len}")
     (stored_crc,) = struct.unpack_from("<I", blob, len(blob) - CHECKSUM_BYTES)
-    checksum_ok = zlib.crc32(bytes(blob[:-CHECKSUM_BYTES])) == stored_crc
+    checksum_ok = zlib.crc32(memoryview(blob)[:-CHECKSUM_BYTES]) == stored_crc
     breakdown = {"header": HEADER.size, "indices": idx_len, "map": map_len, "payload": pay_len, "scales": scale_len,
                  "checksum": CHECKSUM_BYTES, "stored_body": stored_len, "total": len(blob)}
     return WireInfo(config, layers, heads, dim, tokens, context_len, width, has_map, breakdown, checksum_ok)

@@ -17,6 +17,10 @@ class GenerationError(EmberError):
     """Bad arguments to generation (prompts, sampling parameters, batch sizes)."""
 
 
+class AdapterError(EmberError):
+    """A LoRA adapter cannot be read, saved or applied (the message names the field or module)."""
+
+
 class ParamsError(EmberError):
     """A params file, profile or override does not validate."""
 

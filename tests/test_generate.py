@@ -26,7 +26,7 @@ def test_cached_decode_equals_full_recompute(family):
     for out in result.outputs:
         for cand in out.completions:
             sequence = torch.tensor([out.prompt_token_ids + cand.token_ids])
-            logprobs = torch.log_softmax(loaded.model.full_logits(sequence).float(), -1)[0]
+            logprobs = torch.log_softmax(loaded.model(sequence).float(), -1)[0]
             start = len(out.prompt_token_ids) - 1
             reference = logprobs[start:-1].gather(-1, sequence[0, start + 1:, None])[:, 0]
             assert (torch.tensor(cand.logprobs) - reference).abs().max().item() < 1e-5
@@ -61,7 +61,7 @@ def test_candidates_are_independent_samples_from_the_model(engine):
     firsts = [c.token_ids[0] for c in result.outputs[0].completions]
     assert len(set(firsts)) > 5
     ids = torch.tensor([result.outputs[0].prompt_token_ids])
-    probs = torch.softmax(engine.model.full_logits(ids)[0, -1].float(), -1)
+    probs = torch.softmax(engine.model(ids)[0, -1].float(), -1)
     counts = torch.bincount(torch.tensor(firsts), minlength=probs.numel()).float()
     expected = probs * n
     keep = expected >= 5  # chi-square over well-populated tokens, the rest pooled
@@ -120,7 +120,7 @@ def test_stop_token_ids_and_min_tokens(engine):
 
 def test_top_k_and_top_p_restrict_the_support(engine):
     ids = torch.tensor([engine.tokenizer.encode(PROMPTS[0])])
-    probs = torch.softmax(engine.model.full_logits(ids)[0, -1].float(), -1)
+    probs = torch.softmax(engine.model(ids)[0, -1].float(), -1)
     top3 = set(probs.topk(3).indices.tolist())
     result = engine.generate([PROMPTS[0]], n=64, sampling=SamplingParams(top_k=3, max_tokens=1, seed=0,
                                                                           ignore_eos=True))
@@ -170,6 +170,7 @@ def test_bad_input_is_a_clear_error(engine, call, message):
 def test_static_decode_step_equals_dynamic_step(family):
     """The fixed-shape step that CUDA graphs capture computes what the ordinary decode step does."""
     from ember.engine import KVCache
+    from ember.engine.steps import append_step, static_step
 
     loaded = load(family)
     model = loaded.model
@@ -180,11 +181,14 @@ def test_static_decode_step_equals_dynamic_step(family):
     caches = [KVCache(model.config, len(prompts), width + 4, torch.float32, "cpu") for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:
-            model(ids, cache, valid)
+            model.run(append_step(cache, len(prompts), width, valid), input_ids=ids)
         caches[1].sync_slot()
         for token in (7, 9, 11):
             step = torch.full((len(prompts), 1), token)
-            dynamic = model(step, caches[0])
-            static = model(step, caches[1], static=True)
+            dynamic = model.run(append_step(caches[0], len(prompts), 1), input_ids=step).logits
+            static = model.run(static_step(caches[1]), input_ids=step).logits
+            caches[1].advance_static()
+            caches[1].length += 1
             torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
-    assert caches[1].length == caches[0].length and torch.equal(caches[1].lengths, caches[0].lengths)
+    assert caches[1].length == caches[0].length and torch.equal(caches[1].next_position, caches[0].next_position)
+    assert torch.equal(caches[1].key_valid, caches[0].key_valid)

@@ -13,8 +13,8 @@ from ember.models import PRESETS, ModelConfig, load, save_pretrained
 def test_presets_are_seeded_and_marked_random():
     a, b, c = load("tiny-qwen3", seed=1), load("tiny-qwen3", seed=1), load("tiny-qwen3", seed=2)
     ids = torch.tensor([[5, 6, 7]])
-    assert torch.equal(a.model.full_logits(ids), b.model.full_logits(ids))
-    assert not torch.equal(a.model.full_logits(ids), c.model.full_logits(ids))
+    assert torch.equal(a.model(ids), b.model(ids))
+    assert not torch.equal(a.model(ids), c.model(ids))
     assert a.provenance["random_weights"] is True and a.provenance["source"] == "preset"
 
 
@@ -34,7 +34,7 @@ def test_directory_round_trip_in_bf16(tmp_path):
     assert again.model.output_weight.dtype == torch.bfloat16
     assert again.provenance["source"] == "local" and again.provenance["random_weights"] is False
     ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(again.model.full_logits(ids).float(), loaded.model.full_logits(ids), atol=0.3, rtol=0.05)
+    torch.testing.assert_close(again.model(ids).float(), loaded.model(ids), atol=0.3, rtol=0.05)
 
 
 def test_missing_weights_are_named(tmp_path):
@@ -106,7 +106,7 @@ def test_cache_refuses_overflow_and_bad_groups():
     with pytest.raises(GenerationError, match="does not divide"):
         cache.reserve(3, 1)
     cache.reserve(2, 3)
-    assert cache.lengths.tolist() == [3, 3, 3, 3]
+    assert cache.next_position.tolist() == [3, 3, 3, 3]
     with pytest.raises(GenerationError, match="cache overflow"):
         cache.reserve(4, 1)
     assert json.dumps(config.to_hf())  # serializable

@@ -7,6 +7,9 @@ from ember.engine import Engine, SamplingParams
 from ember.engine.prefix_cache import PrefixCache
 from ember.errors import GenerationError
 from ember.models import load
+from ember.models.versions import LayerVersions
+
+V = LayerVersions("model-a", ("v", "v"))  # a two-layer model's versions, for direct cache tests
 
 SHARED = "You are a careful assistant. Answer in JSON with keys name and code. "  # 70 chars = 70 tokens
 DOCS = [SHARED + "Alice has code 4821.", SHARED + "Bob has code 1234, and Carol has 9", SHARED[:40] + "Dan?",
@@ -68,25 +71,14 @@ def test_evictions_mid_run_keep_outputs_exact(loaded):
     assert last["bytes_held"] == engine.prefix_cache.bytes_held and last["blocks"] == len(engine.prefix_cache)
 
 
-def test_versions_are_never_served_stale(loaded):
-    engine = _engine(loaded, PrefixCache(block_size=8))
-    engine.generate(DOCS, sampling=GREEDY)
-    engine.set_version("adapter-2", invalidate=False)
-    after = engine.generate(DOCS[:1], sampling=GREEDY)
-    assert after.extra["prefix_cache"]["tokens_reused"] == 0
-    held = len(engine.prefix_cache)
-    assert engine.prefix_cache.invalidate(version="base") > 0 and len(engine.prefix_cache) < held
-    engine.set_version("adapter-3")  # invalidates adapter-2's entries
-    assert all(b.version == "adapter-3" for b in engine.prefix_cache._blocks.values())
-
-
 def test_invalidate_by_prefix_and_all(loaded):
     engine = _engine(loaded, PrefixCache(block_size=8))
     engine.generate(DOCS, sampling=GREEDY)
     tokens = loaded.tokenizer.encode(SHARED)
     before = len(engine.prefix_cache)
-    assert engine.prefix_cache.invalidate(version="base", prefix=tokens[:16]) > 0
-    assert engine.prefix_cache.cached_tokens(tokens, "base") == 8  # the first block survives
+    versions = engine.versions
+    assert engine.prefix_cache.invalidate(versions, prefix=tokens[:16]) > 0
+    assert engine.prefix_cache.cached_tokens(tokens, versions) == 8  # the first block survives
     assert len(engine.prefix_cache) < before
     engine.prefix_cache.invalidate()
     assert len(engine.prefix_cache) == 0 and engine.prefix_cache.bytes_held == 0
@@ -98,29 +90,30 @@ def test_pinned_and_in_use_blocks_are_not_evicted(loaded):
     cache = PrefixCache(block_size=8, max_bytes=10 ** 9)
     engine = _engine(loaded, cache)
     assert engine.pin_prefix(SHARED) == len(SHARED) // 8
-    pinned = cache.cached_tokens(loaded.tokenizer.encode(SHARED), "base")
-    in_use = cache.match(loaded.tokenizer.encode(DOCS[3]) + [5] * 20, "base")  # nothing cached: empty
+    versions = engine.versions
+    pinned = cache.cached_tokens(loaded.tokenizer.encode(SHARED), versions)
+    in_use = cache.match(loaded.tokenizer.encode(DOCS[3]) + [5] * 20, versions)  # nothing cached: empty
     assert in_use.tokens == 0
     engine.generate(DOCS[3:4], sampling=GREEDY)
-    held = cache.match(loaded.tokenizer.encode(DOCS[3]), "base")
+    held = cache.match(loaded.tokenizer.encode(DOCS[3]), versions)
     cache.max_bytes = 0  # every unpinned, unused block must go now
-    cache.insert(list(range(4, 12)), "base", lambda a, b: torch.zeros(2, 2, 2, b - a, 16))
-    assert cache.cached_tokens(loaded.tokenizer.encode(SHARED), "base") == pinned
-    assert cache.cached_tokens(loaded.tokenizer.encode(DOCS[3]), "base") == held.tokens > 0
+    cache.insert(list(range(4, 12)), versions, lambda a, b: torch.zeros(2, 2, 2, b - a, 16))
+    assert cache.cached_tokens(loaded.tokenizer.encode(SHARED), versions) == pinned
+    assert cache.cached_tokens(loaded.tokenizer.encode(DOCS[3]), versions) == held.tokens > 0
     cache.release(held)
     engine.pin_prefix(SHARED, pinned=False)
-    cache.insert(list(range(4, 12)), "base", lambda a, b: torch.zeros(2, 2, 2, b - a, 16))
+    cache.insert(list(range(4, 12)), versions, lambda a, b: torch.zeros(2, 2, 2, b - a, 16))
     assert len(cache) == 0 and cache.stats.insert_skipped >= 1
 
 
 def test_match_always_leaves_a_token_to_compute():
     cache = PrefixCache(block_size=4)
     tokens = list(range(10, 18))  # exactly two blocks
-    cache.insert(tokens, "v", lambda a, b: torch.ones(1, 2, 1, b - a, 2))
-    match = cache.match(tokens, "v")
-    assert match.tokens == 4 and cache.gather(match).shape == (1, 2, 1, 4, 2)
-    assert cache.match(tokens + [1], "v").tokens == 8
-    assert cache.match(tokens + [1], "other").tokens == 0
+    cache.insert(tokens, V, lambda a, b: torch.ones(2, 2, 1, b - a, 2))
+    match = cache.match(tokens, V)
+    assert match.tokens == 4 and cache.gather(match).shape == (2, 2, 1, 4, 2) and match.depth == 2
+    assert cache.match(tokens + [1], V).tokens == 8
+    assert cache.match(tokens + [1], LayerVersions("model-b", V.layers)).tokens == 0
 
 
 def test_turning_the_cache_off(loaded):

@@ -20,7 +20,7 @@ def _left_padded(tokenizer, prompts):
 def test_logits_match_transformers_on_padded_batch(family, tiny_dirs, hf_models):
     loaded = load(str(tiny_dirs[family]))
     ids, mask, _ = _left_padded(loaded.tokenizer, PROMPTS)
-    ours = loaded.model.full_logits(ids, mask.bool())
+    ours = loaded.model(ids, mask.bool())
     with torch.no_grad():
         ref = hf_models[family](input_ids=ids, attention_mask=mask,
                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits

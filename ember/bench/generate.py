@@ -111,7 +111,7 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
     if hf is not None:
         ids = torch.tensor([prompt[:64]], device=device)
         with torch.inference_mode():
-            diff = (loaded.model.full_logits(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
+            diff = (loaded.model(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
         report["max_logit_diff_vs_transformers"] = diff
     for n in candidates:
         time_ember(engine, prompt, n, min(gen, 4))  # warm-up

@@ -1,4 +1,4 @@
-"""The KV cache: the one owner of generation state (per-layer K/V, key validity, write cursor)."""
+"""The KV cache: the one owner of generation state (per-layer K/V, key validity, positions, write cursor)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ember.errors import GenerationError
 
 if TYPE_CHECKING:
     from ember.models.config import ModelConfig
+    from ember.models.versions import LayerVersions
 
 
 class KVCache:
@@ -17,10 +18,11 @@ class KVCache:
 
     Storage is one tensor of shape (L, 2, B, H_kv, S, D); each layer's K and V are views into it. Sequences
     in a batch share a write cursor (`length`, slots used): prompts are left-padded to a common length and
-    padding slots are marked invalid in `key_valid` (B, S). `lengths` (B,) counts each row's real tokens, so
-    the rotary position of a row's next token is its length. `group` > 1 lets a forward pass over B/group
-    rows (one per prompt) write the same K/V into `group` consecutive rows (its candidates): prefill once,
-    shared by n.
+    padding slots are marked invalid in `key_valid` (B, S). Positions are explicit: `next_position` (B,) is
+    the rotary position of each row's next token, so rows whose slots hold a selected subset of a context
+    (gaps) keep the positions the K/V was computed at. `group` > 1 lets a forward pass over B/group rows (one
+    per prompt) write the same K/V into `group` consecutive rows (its candidates): prefill once, shared by n.
+    `versions` holds, per row, the per-layer versions of the weights that made its K/V.
     """
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device):
@@ -32,10 +34,20 @@ class KVCache:
         shape = (config.num_layers, 2, batch, config.num_kv_heads, capacity, config.head_dim)
         self.storage = torch.zeros(shape, dtype=dtype, device=device)  # (L, 2, B, H, S, D)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, S)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # device-side cursor of fixed-shape steps
         self.length = 0
-        self.has_padding = False  # True once any slot is marked invalid; lets attention skip masks
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # device-side cursor of static decode steps
+        self.has_padding = False  # True once any slot below the cursor is invalid; lets attention skip masks
+        self.versions: list[LayerVersions | None] = [None] * batch
+
+    def reset(self) -> None:
+        """Empty the cache for reuse (same buffers: captured CUDA graphs stay valid)."""
+        self.key_valid.zero_()
+        self.next_position.zero_()
+        self.slot.zero_()
+        self.length = 0
+        self.has_padding = False
+        self.versions = [None] * self.batch
 
     @property
     def nbytes(self) -> int:
@@ -50,24 +62,24 @@ class KVCache:
             raise GenerationError(f"forward batch {rows} does not divide cache batch {self.batch}")
         return self.batch // rows
 
-    def write(self, index: int, start: int | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (b, H, T, D) at [start, start+T) and return this layer's K, V (b, H, start+T, D).
+    def write(self, index: int, slots: int | torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (b, H, T, D) at slots [start, start+T) and return this layer's K, V (b, H, start+T, D).
 
         With b < B each input row is broadcast into its group of B/b cache rows, and the returned views read
-        the first row of each group (they hold identical values). `start` None is a static decode step
-        (see `reserve_static`): k, v (B, H, 1, D) go to the slot held on the device; views span the capacity.
+        the first row of each group (they hold identical values). `slots` as a device tensor (1,) is a
+        fixed-shape decode step: k, v (B, H, 1, D) go to that slot; the views span the whole capacity.
         """
-        if start is None:  # static step: one token per row at the device-side slot, full-capacity views
-            cache_k, cache_v = self.layer(index)
-            cache_k.index_copy_(2, self.slot, k)
-            cache_v.index_copy_(2, self.slot, v)
+        cache_k, cache_v = self.layer(index)
+        if isinstance(slots, torch.Tensor):
+            cache_k.index_copy_(2, slots, k)
+            cache_v.index_copy_(2, slots, v)
             return cache_k, cache_v
         rows, _, steps, _ = k.shape
-        end = start + steps
+        start, end = slots, slots + steps
         if end > self.capacity:
             raise GenerationError(f"cache overflow: writing up to {end} tokens into capacity {self.capacity}")
         group = self._group(rows)
-        cache_k, cache_v = self.layer(index)
         if group == 1:
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v
@@ -79,29 +91,32 @@ class KVCache:
 
     def key_mask(self, rows: int, end: int) -> torch.Tensor:
         """Validity of keys [0, end) for a forward over `rows` rows (one per group): (rows, end)."""
-        group = self._group(rows)
-        return self.key_valid[::group, :end]
+        return self.key_valid[::self._group(rows), :end]
 
-    def reserve(self, rows: int, steps: int, valid: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    def reserve(self, rows: int, steps: int, valid: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
         """Claim the next `steps` slots for new tokens of `rows` rows (rows dividing B).
 
         `valid` (rows, steps) marks real tokens; None means all are real (no device sync is needed then).
-        Marks the slots' key validity, advances the cursor and row lengths, and returns the first slot and the
-        rotary positions (b, T) of the new tokens (padding tokens get the position of the next real one).
+        Positions continue each row's `next_position` (padding takes the position of the next real token),
+        unless explicit `positions` (rows, steps) are given. Marks the slots' key validity, advances the cursor
+        and the rows' next positions, and returns the first slot and the rotary positions (b, T).
         """
         group = self._group(rows)
         start = self.length
         if start + steps > self.capacity:
             raise GenerationError(f"cache overflow: {start} + {steps} tokens exceed capacity {self.capacity}")
-        row_lengths = self.lengths[::group]  # (b,)
+        if positions is None:
+            offsets = (torch.arange(steps, device=self.next_position.device)[None] if valid is None
+                       else (valid.long().cumsum(-1) - 1).clamp(min=0))  # (b or 1, T)
+            positions = self.next_position[::group, None] + offsets  # (b, T)
         if valid is None:
-            positions = row_lengths[:, None] + torch.arange(steps, device=row_lengths.device)  # (b, T)
             self.key_valid[:, start:start + steps] = True
-            self.lengths += steps
+            self.next_position.copy_(positions[:, -1].repeat_interleave(group) + 1)
         else:
-            positions = row_lengths[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)  # (b, T)
             self.key_valid[:, start:start + steps] = valid.repeat_interleave(group, dim=0)
-            self.lengths += valid.sum(-1).repeat_interleave(group)
+            last = torch.where(valid, positions, -1).amax(-1)  # (b,) last real position, -1 if none
+            self.next_position.copy_(torch.maximum(self.next_position, (last + 1).repeat_interleave(group)))
             self.has_padding = self.has_padding or not bool(valid.all())
         self.length = start + steps
         return start, positions
@@ -109,38 +124,38 @@ class KVCache:
     def reserve_static(self) -> torch.Tensor:
         """Claim one slot per row for a decode step whose shapes never change (safe to capture in a CUDA graph).
 
-        The slot index lives on the device in `slot` (call `sync_slot` once before a run of static steps);
-        `advance_static` moves it on after the step. Returns rotary positions (B, 1).
+        Device-side only: marks the slot held in `slot` valid and advances each row's next position. After
+        the forward, `slot` moves on with `advance_static`, and the host cursor with `length += 1`.
+        Returns rotary positions (B, 1).
         """
-        positions = self.lengths[:, None].clone()  # (B, 1)
+        positions = self.next_position[:, None].clone()  # (B, 1)
         self.key_valid.index_fill_(1, self.slot, True)
-        self.lengths += 1
+        self.next_position += 1
         return positions
 
     def advance_static(self) -> None:
-        """Finish a static step: the device slot and the host cursor move on by one."""
+        """Move the device-side slot on by one (the host cursor is the caller's)."""
         self.slot += 1
-        self.length += 1
 
     def sync_slot(self) -> None:
-        """Point the device-side slot at the host cursor, checking there is room for static steps."""
+        """Point the device-side slot at the host cursor, checking there is room for fixed-shape steps."""
         if self.length >= self.capacity:
             raise GenerationError(f"cache overflow: no slot left after {self.length} of {self.capacity}")
         self.slot.fill_(self.length)
 
-    def load_prefix(self, prompt: int, group: int, start: int, kv: torch.Tensor) -> None:
-        """Copy reused K/V (L, 2, H, m, D) of one prompt into its `group` rows at slots [start, start+m).
-
-        The slots become valid keys and the rows' lengths become m (the positions the K/V was computed at).
-        """
+    def load(self, rows: slice, start: int, kv: torch.Tensor, next_position: int) -> None:
+        """Copy K/V (L, 2, H, m, D) into `rows` at slots [start, start+m); the slots become valid keys and the
+        rows' next position is `next_position` (the K/V keeps the positions it was computed at)."""
         tokens = kv.shape[3]
-        rows = slice(prompt * group, (prompt + 1) * group)
+        if start + tokens > self.capacity:
+            raise GenerationError(f"cache overflow: loading {tokens} tokens at slot {start} into capacity "
+                                  f"{self.capacity}")
         self.storage[:, :, rows, :, start:start + tokens] = kv[:, :, None].to(self.storage.dtype)
         self.key_valid[rows, start:start + tokens] = True
-        self.lengths[rows] = tokens
+        self.next_position[rows] = next_position
 
     def skip_to(self, slot: int) -> None:
-        """Move the cursor to `slot` after prefixes were loaded below it (unfilled slots stay invalid keys)."""
+        """Move the cursor to `slot` after K/V was loaded below it (unfilled slots stay invalid keys)."""
         if slot > self.capacity:
             raise GenerationError(f"cache overflow: cursor {slot} beyond capacity {self.capacity}")
         self.length = slot

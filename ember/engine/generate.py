@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
+from ember.engine.cache import KVCache
 from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, sample
+from ember.engine.steps import append_step
 from ember.engine.timers import StageTimer
-from ember.errors import GenerationError
+from ember.errors import AdapterError, GenerationError
+from ember.models.lora import LoraAdapter, LoraSlots, check_fits
+from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
 if TYPE_CHECKING:
     from ember.models.decoder import DecoderLM
@@ -109,13 +115,30 @@ class _Candidate:
                           self.top if self.params.logprobs else None)
 
 
+@dataclass
+class _Resident:
+    """An adapter held on the engine's device: its tensors, per-layer digests and slot-shaped copy."""
+
+    adapter: LoraAdapter
+    digests: dict[int, str]
+    packed: list[torch.Tensor] | None = None
+
+
 class Engine:
-    """Generation over an ember decoder. The model keeps no state; each batch owns one `KVCache`."""
+    """Generation over an ember decoder. The model keeps no state; each batch owns one `KVCache`.
+
+    LoRA adapters are resident by name (`load_adapter`) and swapped in place into preallocated slots
+    (`set_adapter`), without reloading the base or recapturing CUDA graphs. Cached K/V carries the per-layer
+    versions of the weights in use (`versions`), derived from the base weights and the active adapter.
+    """
+
+    CAPACITY_BUCKET = 256  # graph workspaces round their capacity up to a multiple of this
 
     def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
-                 cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, version: str = "base"):
+                 cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, max_workspaces: int = 4):
         """`prefix_cache`: True for a default PrefixCache (16-token blocks, 1 GiB), a PrefixCache, or
-        False/None to prefill every prompt in full. `version` tags cached K/V with the weights that made it."""
+        False/None to prefill every prompt in full. `max_workspaces`: caches (with their CUDA graphs) kept
+        between calls, one per (batch, capacity) bucket."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -124,15 +147,77 @@ class Engine:
         if prefix_cache is True:
             prefix_cache = PrefixCache()
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
-        self.version = version
+        self.max_workspaces = max_workspaces
+        self._workspaces: OrderedDict[tuple[int, int], KVCache] = OrderedDict()
+        self._graphs: dict[tuple, DecodeGraph] = {}
+        self._adapters: dict[str, _Resident] = {}
+        self._slots: LoraSlots | None = None
+        self.active_adapter: str | None = None
+        self._fingerprint: tuple | None = None  # (weights state, fingerprint)
 
-    def set_version(self, version: str, invalidate: bool = True) -> None:
-        """Switch the weights' version tag (e.g. after a LoRA update). Cached prefixes of other versions can
-        no longer be matched; with `invalidate` their memory is also freed now."""
-        old, self.version = self.version, version
-        if invalidate and self.prefix_cache is not None and old != version:
-            self.prefix_cache.invalidate(version=old)
+    # ---- versions -------------------------------------------------------------------------------------
+    @property
+    def versions(self) -> LayerVersions:
+        """Per-layer versions of the weights in use: the base fingerprint (recomputed when a base weight
+        changes in place) and the cumulative content of the active adapter's layers."""
+        state = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if self._fingerprint is None or self._fingerprint[0] != state:
+            self._fingerprint = (state, model_fingerprint(self.model))
+        digests = self._adapters[self.active_adapter].digests if self.active_adapter is not None else None
+        return layer_versions(self._fingerprint[1], self.model.config.num_layers, digests)
 
+    # ---- adapters -------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the resident adapters."""
+        return list(self._adapters)
+
+    def load_adapter(self, source, name: str | None = None) -> str:
+        """Make an adapter resident under `name` (default adapter-<k>): a PEFT directory or a LoraAdapter
+        (copied: later changes to its tensors need another `load_adapter`). Reloading the active adapter's
+        name swaps the new content in at once. Returns the name."""
+        adapter = source if isinstance(source, LoraAdapter) else LoraAdapter.load(Path(source))
+        check_fits(adapter, self.model)
+        adapter = adapter.to(self.device, self.dtype)
+        name = name if name is not None else f"adapter-{len(self._adapters)}"
+        self._adapters[name] = _Resident(adapter, adapter.layer_digests())
+        if self._slots is None or not self._slots.fits(adapter):
+            self._build_slots()
+        else:
+            self._adapters[name].packed = self._slots.pack(adapter)
+        if self.active_adapter == name:
+            self._slots.load(self._adapters[name].packed)
+        return name
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate a resident adapter by copying it into the slots in place (no reload, no graph recapture);
+        None returns exactly to the base model. Going back to an earlier adapter is the same call."""
+        if name is not None and name not in self._adapters:
+            raise AdapterError(f"set_adapter: expected one of the resident adapters {self.adapters} or None, "
+                               f"found {name!r}")
+        if self._slots is not None:
+            self._slots.load(None if name is None else self._adapters[name].packed)
+        self.active_adapter = name
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop a resident adapter (the active one cannot be removed)."""
+        if name == self.active_adapter:
+            raise AdapterError(f"remove_adapter: {name!r} is active; set_adapter(None) or another first")
+        if self._adapters.pop(name, None) is None:
+            raise AdapterError(f"remove_adapter: expected one of {self.adapters}, found {name!r}")
+
+    def _build_slots(self) -> None:
+        """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""
+        if self._slots is not None:
+            self._slots.load(None)
+        self._graphs = {key: graph for key, graph in self._graphs.items() if key[2] is None}
+        self._slots = LoraSlots(self.model, LoraSlots.layout_for(r.adapter for r in self._adapters.values()))
+        for resident in self._adapters.values():
+            resident.packed = self._slots.pack(resident.adapter)
+        if self.active_adapter is not None:
+            self._slots.load(self._adapters[self.active_adapter].packed)
+
+    # ---- prefix cache ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def pin_prefix(self, prompt, pinned: bool = True) -> int:
         """Prefill a prefix (text or token ids) into the prefix cache if needed and pin (or unpin) its blocks,
@@ -141,9 +226,10 @@ class Engine:
             raise GenerationError("pin_prefix: this engine has no prefix cache (prefix_cache=False)")
         tokens = self._requests([prompt], 1, None)[0].prompt
         whole_blocks = len(tokens) - len(tokens) % self.prefix_cache.block_size
-        if pinned and self.prefix_cache.cached_tokens(tokens, self.version) < whole_blocks:
-            prefill(self.model, [tokens], 1, 0, self._pad_id, self.prefix_cache, self.version)
-        return self.prefix_cache.pin(tokens, self.version, pinned)
+        versions = self.versions
+        if pinned and self.prefix_cache.cached_tokens(tokens, versions) < whole_blocks:
+            prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, versions, self.prefix_cache)
+        return self.prefix_cache.pin(tokens, versions, pinned)
 
     @classmethod
     def load(cls, spec: str, dtype="float32", device="cpu", seed: int = 0, **kwargs) -> "Engine":
@@ -169,6 +255,34 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.output_weight.dtype
+
+    def _fresh_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.model.config, batch, capacity, self.dtype, self.device)
+
+    def _graphs_on(self) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda"
+
+    def _graph_key(self, cache: KVCache) -> tuple:
+        return cache.batch, cache.capacity, id(self._slots) if self.active_adapter is not None else None
+
+    def _workspace(self, batch: int, capacity: int, timer: StageTimer) -> KVCache:
+        """An empty cache for a batch: on a GPU with graphs, the bucket's persistent cache with its decode
+        graph captured (once per bucket and adapter-slot layout, before any prefill); else a fresh one."""
+        if not self._graphs_on():
+            return self._fresh_cache(batch, capacity)
+        capacity = -(-capacity // self.CAPACITY_BUCKET) * self.CAPACITY_BUCKET
+        key = (batch, capacity)
+        cache = self._workspaces.pop(key, None) or self._fresh_cache(batch, capacity)
+        self._workspaces[key] = cache
+        while len(self._workspaces) > self.max_workspaces:
+            dropped, _ = self._workspaces.popitem(last=False)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[:2] != dropped}
+        graph_key = self._graph_key(cache)
+        if graph_key not in self._graphs:
+            with timer.stage("capture"):
+                self._graphs[graph_key] = DecodeGraph(self.model, cache)
+        cache.reset()
+        return cache
 
     @torch.inference_mode()
     def generate(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
@@ -247,12 +361,15 @@ class Engine:
         knobs = RowKnobs.build(rows, device)
         banned = self._min_token_bans(candidates, vocab, device)
         ban_steps = max(c.params.min_tokens for c in candidates)  # steps during which some row bans stop tokens
+        versions = self.versions
         with timer.stage("prefill"):
             cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, self._pad_id,
-                                    self.prefix_cache if use_cache else None, self.version)
+                                    lambda batch, capacity: self._workspace(batch, capacity, timer), versions,
+                                    self.prefix_cache if use_cache else None)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
-        with timer.stage("decode"):  # capturing the step graph is part of the cost of decoding
-            graph = DecodeGraph(self.model, cache) if self.cuda_graphs and device.type == "cuda" else None
+        graph = self._graphs.get(self._graph_key(cache)) if self._graphs_on() else None
+        if graph is not None:
+            cache.sync_slot()
         for step in range(max_new):
             with timer.stage("sampling"):
                 ban = banned if banned is not None and step < ban_steps else None
@@ -272,7 +389,8 @@ class Engine:
                 if graph is not None:
                     logits = graph.step(drawn.tokens)  # (B, V)
                 else:
-                    logits = self.model(drawn.tokens[:, None], cache)[:, -1]  # (B, V)
+                    step = append_step(cache, cache.batch, 1, logits="last")
+                    logits = self.model.run(step, input_ids=drawn.tokens[:, None]).logits[:, -1]  # (B, V)
         return [RequestOutput(r.prompt, r.seed, [c.result(self.tokenizer) for c in candidates[i * n:(i + 1) * n]])
                 for i, r in enumerate(requests)]
 

@@ -6,57 +6,77 @@ Slot layout of a batch (one row group per prompt, `group` candidate rows each):
     0        head - m_i                                   head   head + width - s_i        head + width
 
 Reused prefixes are right-aligned below `head` (the longest reuse) and suffixes left-padded to `width`, so the
-forward pass runs once over the suffix columns. Positions follow each row's real token count, so a reused
-block's K/V (computed at positions 0..m-1) is exactly what a full prefill would have produced.
+forward pass runs once over the suffix columns. Each row's next position after loading is its reused token
+count, so a reused block's K/V (computed at positions 0..m-1) is exactly what a full prefill would produce.
+Only blocks valid at every layer under the weights in use (`versions`) are reused.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import torch
 
 from ember.engine.cache import KVCache
 from ember.engine.prefix_cache import PrefixCache, PrefixMatch
+from ember.engine.steps import append_step
+from ember.models.versions import LayerVersions
+
+NewCache = Callable[[int, int], KVCache]  # (batch, capacity) -> an empty cache
 
 
-def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pad_id: int,
-            prefix_cache: PrefixCache | None = None, version: str = "base") -> tuple[KVCache, torch.Tensor]:
+def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pad_id: int, new_cache: NewCache,
+            versions: LayerVersions, prefix_cache: PrefixCache | None = None) -> tuple[KVCache, torch.Tensor]:
     """Prefill `prompts` once each into a cache of len(prompts) * group rows with room for `extra_capacity`
     more tokens. Returns the cache and last-token logits (len(prompts), V)."""
     if prefix_cache is not None:
-        warm_shared_prefixes(model, prompts, pad_id, prefix_cache, version)
-    return _prefill(model, prompts, group, extra_capacity, pad_id, prefix_cache, version)
+        warm_shared_prefixes(model, prompts, pad_id, prefix_cache, versions)
+    return _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache)
 
 
-def _prefill(model, prompts, group, extra_capacity, pad_id, prefix_cache, version):
-    device, dtype = model.output_weight.device, model.output_weight.dtype
-    matches = [prefix_cache.match(p, version) if prefix_cache is not None else PrefixMatch(0, []) for p in prompts]
+def _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache):
+    device = model.output_weight.device
+    matches = [prefix_cache.match(p, versions) if prefix_cache is not None else PrefixMatch(0, []) for p in prompts]
     try:
         head = max(m.tokens for m in matches)
         suffixes = [p[m.tokens:] for p, m in zip(prompts, matches)]
         width = max(map(len, suffixes))
-        cache = KVCache(model.config, len(prompts) * group, head + width + extra_capacity, dtype, device)
+        cache = new_cache(len(prompts) * group, head + width + extra_capacity)
         for index, match in enumerate(matches):
             if match.tokens:
-                cache.load_prefix(index, group, head - match.tokens, PrefixCache.gather(match))
+                rows = slice(index * group, (index + 1) * group)
+                cache.load(rows, head - match.tokens, PrefixCache.gather(match), match.tokens)
         if head:
             cache.skip_to(head)
+        cache.versions = [versions] * cache.batch
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (P, W) left-padded suffixes
         valid = torch.zeros((len(prompts), width), dtype=torch.bool)
         for index, suffix in enumerate(suffixes):
             ids[index, width - len(suffix):] = torch.tensor(suffix)
             valid[index, width - len(suffix):] = True
-        logits = model(ids.to(device), cache, valid.to(device), last_only=True)[:, -1]  # (P, V)
+        boundary = prefix_cache.boundary_layers if prefix_cache is not None else ()
+        step = append_step(cache, len(prompts), width, valid.to(device), logits="last", capture=boundary)
+        out = model.run(step, input_ids=ids.to(device))
         if prefix_cache is not None:
+            hidden = torch.stack([out.boundary[layer] for layer in boundary], dim=1) if boundary else None
             for index, (prompt, match) in enumerate(zip(prompts, matches)):
                 slots = _prompt_slots(len(prompt), match.tokens, head, width)
-                prefix_cache.insert(prompt, version, lambda a, b, i=index, s=slots: cache.read(i * group, s[a:b]))
+                columns = slots - head  # suffix columns of the forward (negative for reused tokens)
+                prefix_cache.insert(
+                    prompt, versions, lambda a, b, i=index, s=slots: cache.read(i * group, s[a:b]),
+                    None if hidden is None else lambda a, b, i=index, c=columns: _boundary(hidden, i, c[a:b]))
     finally:
         if prefix_cache is not None:
             for match in matches:
                 prefix_cache.release(match)
-    return cache, logits
+    return cache, out.logits[:, -1]  # (P, V)
+
+
+def _boundary(hidden: torch.Tensor, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """Boundary states (n, m, hidden) of one prompt's tokens at suffix `columns` of hidden (P, n, W, hidden)
+    (blocks are only stored from tokens computed in this pass, never from reused ones)."""
+    return hidden[row].index_select(1, columns.to(hidden.device))
 
 
 def _prompt_slots(length: int, reused: int, head: int, width: int) -> torch.Tensor:
@@ -67,11 +87,11 @@ def _prompt_slots(length: int, reused: int, head: int, width: int) -> torch.Tens
 
 
 def warm_shared_prefixes(model, prompts: list[list[int]], pad_id: int, prefix_cache: PrefixCache,
-                         version: str) -> int:
+                         versions: LayerVersions) -> int:
     """Prefill, once, each block-aligned prefix that two or more prompts of the batch share and the cache
     lacks, so the batch reuses it instead of computing it per prompt. Returns the number of prefixes warmed."""
     size = prefix_cache.block_size
-    chains = [prefix_cache.block_keys(p[:-1], version) for p in prompts]
+    chains = [prefix_cache.block_keys(p[:-1], versions) for p in prompts]
     counts = Counter(key for chain in chains for key in chain)
     targets = {}
     for prompt, chain in zip(prompts, chains):
@@ -82,7 +102,9 @@ def warm_shared_prefixes(model, prompts: list[list[int]], pad_id: int, prefix_ca
         maximal = deepest + 1 == len(chain) or counts[chain[deepest + 1]] < 2
         if maximal and chain[deepest] not in targets:
             targets[chain[deepest]] = prompt[:(deepest + 1) * size]
-    todo = [p for p in targets.values() if prefix_cache.cached_tokens(p, version) < len(p)]
+    todo = [p for p in targets.values() if prefix_cache.cached_tokens(p, versions) < len(p)]
     if todo:
-        _prefill(model, todo, 1, 0, pad_id, prefix_cache, version)
+        fresh = lambda batch, capacity: KVCache(model.config, batch, capacity, model.output_weight.dtype,  # noqa: E731
+                                                model.output_weight.device)
+        _prefill(model, todo, 1, 0, pad_id, fresh, versions, prefix_cache)
     return len(todo)

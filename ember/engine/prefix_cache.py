@@ -1,9 +1,13 @@
 """Prefix KV cache: block-granular reuse of prompt prefixes across prompts, candidates and calls.
 
-Blocks of `block_size` tokens are keyed by a chained hash (parent block key, block tokens) rooted at the
-model/adapter `version`, so an entry made by another version can never be matched. Each block holds its K/V
-for all layers, (L, 2, H_kv, block, D). Entries have reference counts (blocks in use by a running batch are
-never evicted), can be pinned, and are evicted least-recently-used, leaves first, under a byte budget.
+Blocks of `block_size` tokens are keyed by a chained hash (parent block key, block tokens) rooted at the base
+model's fingerprint, so engines over different models sharing one cache never see each other's K/V. Each block
+holds its K/V for all layers, (L, 2, H_kv, block, D), the per-layer versions of the weights that made it, and
+optionally the input hidden states of chosen boundary layers (so layers above a boundary can be recomputed).
+A match reports the reusable depth: the first layer whose version differs from the weights in use. A block
+recomputed under new weights replaces the stale one in place. Entries have reference counts (blocks in use by a
+running batch are never evicted), can be pinned, and are evicted least-recently-used, leaves first, under a
+byte budget that counts K/V and boundary states.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.errors import GenerationError
+from ember.models.versions import LayerVersions
 
 
 @dataclass
@@ -27,6 +32,7 @@ class PrefixStats:
     evictions: int = 0
     inserts: int = 0
     insert_skipped: int = 0  # blocks not stored because nothing could be evicted
+    replaced: int = 0  # stale blocks overwritten with K/V of the weights in use
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -37,30 +43,44 @@ class _Block:
     key: int
     parent: int | None
     tokens: tuple[int, ...]
+    model: str  # fingerprint of the base model
     kv: torch.Tensor  # (L, 2, H, block, D)
-    version: str
+    versions: tuple[str, ...]  # per layer
+    hidden: torch.Tensor | None = None  # (len(boundary_layers), block, hidden) input states of boundary layers
     refs: int = 0
     pinned: bool = False
     children: set = field(default_factory=set)
 
+    @property
+    def nbytes(self) -> int:
+        held = self.kv.numel() * self.kv.element_size()
+        return held + (0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size())
+
 
 @dataclass
 class PrefixMatch:
-    """Cached blocks covering the first `tokens` tokens of a prompt; hold it until the K/V is copied out."""
+    """Cached blocks covering the first `tokens` tokens of a prompt, valid to layer `depth` (exclusive) under
+    the weights asked for; hold it until the K/V is copied out."""
 
     tokens: int
     blocks: list
+    depth: int = 0
 
 
 class PrefixCache:
-    """Block-granular prefix cache with LRU eviction under `max_bytes`."""
+    """Block-granular prefix cache with LRU eviction under `max_bytes`.
 
-    def __init__(self, block_size: int = 16, max_bytes: int = 1 << 30):
+    `boundary_layers`: layers whose input hidden states each block also stores (e.g. (N,) so that layers
+    >= N can be recomputed from them after an update that leaves layers < N valid).
+    """
+
+    def __init__(self, block_size: int = 16, max_bytes: int = 1 << 30, boundary_layers: tuple[int, ...] = ()):
         if block_size < 1 or max_bytes < 0:
             raise GenerationError(f"prefix cache: expected block_size >= 1 and max_bytes >= 0, "
                                   f"found {block_size}, {max_bytes}")
         self.block_size = block_size
         self.max_bytes = max_bytes
+        self.boundary_layers = tuple(sorted(set(boundary_layers)))
         self.bytes_held = 0
         self.stats = PrefixStats()
         self._blocks: OrderedDict[int, _Block] = OrderedDict()  # least recently used first
@@ -68,46 +88,51 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _chain(self, tokens: list[int], version: str):
+    def _chain(self, tokens: list[int], model: str):
         """(key, parent key, block tokens) for each full block of `tokens`."""
         parent = None
         size = self.block_size
         for start in range(0, len(tokens) - size + 1, size):
             block = tuple(tokens[start:start + size])
-            key = hash((parent if parent is not None else ("root", version), block))
+            key = hash((parent if parent is not None else ("root", model), block))
             yield key, parent, block
             parent = key
 
-    def _lookup(self, key: int, parent: int | None, block: tuple, version: str) -> _Block | None:
+    def _lookup(self, key: int, parent: int | None, block: tuple, model: str) -> _Block | None:
         entry = self._blocks.get(key)
-        if entry is None or entry.tokens != block or entry.parent != parent or entry.version != version:
+        if entry is None or entry.tokens != block or entry.parent != parent or entry.model != model:
             return None  # absent, or a hash collision: never serve it
         return entry
 
-    def _cached_prefix(self, tokens: list[int], version: str) -> list[_Block]:
-        """The cached blocks covering the longest block-aligned prefix of `tokens` (no refs, no stats)."""
+    def _cached_prefix(self, tokens: list[int], versions: LayerVersions, min_depth: int | None) -> list[_Block]:
+        """The cached blocks covering the longest block-aligned prefix of `tokens` whose K/V is valid to at
+        least `min_depth` layers (None: all layers) under `versions` (no refs, no stats)."""
+        need = len(versions.layers) if min_depth is None else min_depth
         entries = []
-        for key, parent, block in self._chain(tokens, version):
-            entry = self._lookup(key, parent, block, version)
-            if entry is None:
+        for key, parent, block in self._chain(tokens, versions.model):
+            entry = self._lookup(key, parent, block, versions.model)
+            if entry is None or versions.reusable_depth(entry.versions) < need:
                 break
             entries.append(entry)
         return entries
 
-    def block_keys(self, tokens: list[int], version: str) -> list[int]:
+    def block_keys(self, tokens: list[int], versions: LayerVersions) -> list[int]:
         """Chain keys of the full blocks of `tokens` (cached or not)."""
-        return [key for key, _, _ in self._chain(tokens, version)]
+        return [key for key, _, _ in self._chain(tokens, versions.model)]
 
-    def cached_tokens(self, tokens: list[int], version: str) -> int:
-        """How many leading tokens of `tokens` are cached, in whole blocks (no reference taken, no stats)."""
-        return len(self._cached_prefix(tokens, version)) * self.block_size
+    def cached_tokens(self, tokens: list[int], versions: LayerVersions, min_depth: int | None = None) -> int:
+        """How many leading tokens of `tokens` are cached, in whole blocks, valid to `min_depth` layers (None:
+        all) under `versions` (no reference taken, no stats)."""
+        return len(self._cached_prefix(tokens, versions, min_depth)) * self.block_size
 
-    def match(self, tokens: list[int], version: str) -> PrefixMatch:
-        """Longest cached block-aligned prefix of `tokens`, leaving at least one token to compute.
+    def match(self, tokens: list[int], versions: LayerVersions, min_depth: int | None = None) -> PrefixMatch:
+        """Longest cached block-aligned prefix of `tokens` valid to at least `min_depth` layers (None: all
+        layers) under `versions`, leaving at least one token to compute. `depth` of the result is the number of
+        leading layers valid in every matched block.
 
         The matched blocks are referenced (protected from eviction) until `release`.
         """
-        blocks = self._cached_prefix(tokens[:-1], version)
+        blocks = self._cached_prefix(tokens[:-1], versions, min_depth)
         for entry in blocks:  # root first: a parent is never more recent than its children
             entry.refs += 1
             self._blocks.move_to_end(entry.key)
@@ -118,7 +143,8 @@ class PrefixCache:
             self.stats.misses += 1
         self.stats.tokens_reused += matched
         self.stats.tokens_recomputed += len(tokens) - matched
-        return PrefixMatch(matched, blocks)
+        depth = min((versions.reusable_depth(b.versions) for b in blocks), default=len(versions.layers))
+        return PrefixMatch(matched, blocks, depth)
 
     def release(self, match: PrefixMatch) -> None:
         for entry in match.blocks:
@@ -129,34 +155,57 @@ class PrefixCache:
         """The matched K/V as one tensor (L, 2, H, tokens, D)."""
         return torch.cat([entry.kv for entry in match.blocks], dim=3)
 
-    def insert(self, tokens: list[int], version: str, kv_of) -> int:
-        """Store the full blocks of `tokens` not cached yet. `kv_of(start, end)` returns the K/V of tokens
-        [start, end) as (L, 2, H, end-start, D); it is called once, for the span of the missing blocks.
-        Returns the number of new blocks."""
-        added = 0
+    @staticmethod
+    def gather_hidden(match: PrefixMatch) -> torch.Tensor:
+        """The matched boundary hidden states (len(boundary_layers), tokens, hidden)."""
+        if any(entry.hidden is None for entry in match.blocks):
+            raise GenerationError("prefix cache: expected boundary hidden states in every matched block, found "
+                                  "blocks without (create the cache with boundary_layers)")
+        return torch.cat([entry.hidden for entry in match.blocks], dim=1)
+
+    def insert(self, tokens: list[int], versions: LayerVersions, kv_of, hidden_of=None) -> int:
+        """Store the full blocks of `tokens` not cached yet under `versions`, replacing stale ones in place.
+
+        `kv_of(start, end)` returns the K/V of tokens [start, end) as (L, 2, H, end-start, D) and `hidden_of`
+        (required with boundary layers) their boundary hidden states (len(boundary_layers), end-start, hidden);
+        each is called once, for the span from the first block to store. Returns the number of blocks stored.
+        """
+        if self.boundary_layers and hidden_of is None:
+            raise GenerationError(f"prefix cache insert: expected boundary hidden states for layers "
+                                  f"{self.boundary_layers}, found none")
+        added = replaced = 0
         held = []  # the chain walked so far is protected from eviction while deeper blocks are added
-        span = None  # K/V of tokens [span_start, len(full blocks)), fetched once for all missing blocks
+        span = None  # K/V (and hidden states) of tokens [span_start, full blocks), fetched once
         size_tokens = len(tokens) - len(tokens) % self.block_size
         try:
-            for index, (key, parent, block) in enumerate(self._chain(tokens, version)):
-                entry = self._lookup(key, parent, block, version)
-                if entry is None:
-                    if key in self._blocks or (parent is not None and parent not in self._blocks):
-                        break  # a hash collision with another chain: never overwrite it
+            for index, (key, parent, block) in enumerate(self._chain(tokens, versions.model)):
+                entry = self._lookup(key, parent, block, versions.model)
+                if entry is None and (key in self._blocks or (parent is not None and parent not in self._blocks)):
+                    break  # a hash collision with another chain: never overwrite it
+                if entry is None or entry.versions != versions.layers:
                     start = index * self.block_size
                     if span is None:
-                        span_start, span = start, kv_of(start, size_tokens)
+                        span_start = start
+                        span = (kv_of(start, size_tokens),
+                                hidden_of(start, size_tokens) if self.boundary_layers else None)
                     offset = start - span_start
-                    kv = span[:, :, :, offset:offset + self.block_size].clone()
-                    size = kv.numel() * kv.element_size()
-                    if not self._make_room(size):
-                        self.stats.insert_skipped += 1
-                        break
-                    entry = self._blocks[key] = _Block(key, parent, block, kv, version)
-                    if parent is not None:
-                        self._blocks[parent].children.add(key)
-                    self.bytes_held += size
-                    added += 1
+                    kv = span[0][:, :, :, offset:offset + self.block_size].clone()
+                    hidden = None if span[1] is None else span[1][:, offset:offset + self.block_size].clone()
+                    if entry is not None:  # stale: same tokens, other weights
+                        self.bytes_held -= entry.nbytes
+                        entry.kv, entry.hidden, entry.versions = kv, hidden, versions.layers
+                        self.bytes_held += entry.nbytes
+                        replaced += 1
+                    else:
+                        entry = _Block(key, parent, block, versions.model, kv, versions.layers, hidden)
+                        if not self._make_room(entry.nbytes):
+                            self.stats.insert_skipped += 1
+                            break
+                        self._blocks[key] = entry
+                        if parent is not None:
+                            self._blocks[parent].children.add(key)
+                        self.bytes_held += entry.nbytes
+                        added += 1
                 self._blocks.move_to_end(entry.key)
                 entry.refs += 1
                 held.append(entry)
@@ -164,7 +213,8 @@ class PrefixCache:
             for entry in held:
                 entry.refs -= 1
         self.stats.inserts += added
-        return added
+        self.stats.replaced += replaced
+        return added + replaced
 
     def _make_room(self, size: int) -> bool:
         """Evict least recently used leaves (unpinned, unreferenced) until `size` more bytes fit."""
@@ -192,27 +242,31 @@ class PrefixCache:
         del self._blocks[entry.key]
         if entry.parent is not None and entry.parent in self._blocks:
             self._blocks[entry.parent].children.discard(entry.key)
-        self.bytes_held -= entry.kv.numel() * entry.kv.element_size()
+        self.bytes_held -= entry.nbytes
 
-    def pin(self, tokens: list[int], version: str, pinned: bool = True) -> int:
-        """Pin (or unpin) the cached blocks of a prefix so eviction never takes them. Returns blocks touched."""
-        entries = self._cached_prefix(tokens, version)
+    def pin(self, tokens: list[int], versions: LayerVersions, pinned: bool = True) -> int:
+        """Pin (or unpin) the cached blocks of a prefix (whatever their layer versions) so eviction never takes
+        them. Returns blocks touched."""
+        entries = self._cached_prefix(tokens, versions, min_depth=0)
         for entry in entries:
             entry.pinned = pinned
         return len(entries)
 
-    def invalidate(self, version: str | None = None, prefix: list[int] | None = None) -> int:
-        """Drop entries: of one version, under one prefix (with `version`), or all when both are None.
-        Blocks a running batch holds stay alive for it but can no longer be matched. Returns blocks dropped."""
+    def invalidate(self, versions: LayerVersions | None = None, prefix: list[int] | None = None) -> int:
+        """Drop entries: all (no arguments); those of `versions.model` not fully valid under `versions`; or,
+        with `prefix`, the chain under that prefix of `versions.model`. Blocks a running batch holds stay alive
+        for it but can no longer be matched. Returns blocks dropped."""
         before = len(self._blocks)
         if prefix is not None:
-            if version is None:
-                raise GenerationError("invalidate(prefix=...): expected the version the prefix was cached under")
-            entries = self._cached_prefix(prefix, version)
+            if versions is None:
+                raise GenerationError("invalidate(prefix=...): expected the versions the prefix was cached under")
+            entries = self._cached_prefix(prefix, versions, min_depth=0)
             if entries and len(entries) == len(prefix) // self.block_size:
                 self._remove(entries[-1])  # with everything cached below it
         else:
-            for entry in [b for b in self._blocks.values() if version is None or b.version == version]:
+            stale = [b for b in self._blocks.values()
+                     if versions is None or (b.model == versions.model and b.versions != versions.layers)]
+            for entry in stale:
                 if entry.key in self._blocks:
                     self._remove(entry)
         return before - len(self._blocks)

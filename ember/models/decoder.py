@@ -19,7 +19,8 @@ from ember.models.step import Step, StepOutput, causal_step
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm normalized in fp32 (one fused kernel), cast back, then scaled: the reference's rounding order."""
+    """RMSNorm normalized in fp32 or wider (one fused kernel), cast back, then scaled: the reference's rounding
+    order."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -27,7 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * F.rms_norm(wide, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

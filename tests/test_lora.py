@@ -258,3 +258,34 @@ def test_bad_adapter_directories_and_shapes(tmp_path):
     with pytest.raises(AdapterError, match="model.layers.3.self_attn.q_proj: expected one of"):
         engine.load_adapter(LoraAdapter.create(deeper, r=2, alpha=2, targets=("q_proj",), layers=[3]))
     assert engine.adapters == []  # nothing half-loaded
+
+
+def test_real_smollm2_with_an_adapter_matches_peft(tmp_path):
+    """SmolLM2-135M real weights (fp32 compute) with an adapter of unequal per-module ranks and alpha != r on a
+    subset of modules and layers, against transformers + peft on the same directory."""
+    from ember.models import packages
+
+    name = "smollm2-135m-instruct"
+    if not packages.is_ready(name):
+        pytest.skip(f"{name} is not in the ember cache; run `make models` to fetch and convert it")
+    loaded = load(name, dtype="float32")
+    adapter = LoraAdapter.create(loaded.model, r=8, alpha=32, targets=("q_proj", "v_proj", "o_proj", "up_proj"),
+                                 layers=list(range(4, 30, 3)), seed=7)
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for module, (a, b) in adapter.weights.items():
+            if module.endswith("o_proj"):  # unequal ranks: o_proj keeps 3 of the 8
+                adapter.weights[module] = (a[:3].clone(), b[:, :3].clone())
+                b = adapter.weights[module][1]
+            b.copy_(0.02 * torch.randn(b.shape, generator=generator))
+    adapter.save(tmp_path / "a")
+    engine = Engine(loaded.model, loaded.tokenizer, prefix_cache=False)
+    prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": c}])
+               for c in ("The code for Alice is 4821. What is Alice's code?", "Name a colour.")]
+    base = engine.generate(prompts, sampling=GREEDY).outputs[0].completions[0]
+    engine.set_adapter(engine.load_adapter(tmp_path / "a"))
+    adapted = engine.generate(prompts, sampling=GREEDY).outputs[0].completions[0]
+    assert adapted.token_ids != base.token_ids or max(abs(x - y) for x, y in zip(adapted.logprobs, base.logprobs)) > 0.01
+    diff = _assert_engine_matches_peft(loaded, engine, _hf_with_peft(packages.model_dir(name), tmp_path / "a"),
+                                       prompts)
+    assert diff < 1e-4, f"chosen-token logprobs differ from peft by {diff}"

@@ -40,7 +40,8 @@ def model_fingerprint(model) -> str:
         for name, param in model.named_parameters():
             h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
             flat = param.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel()), device=flat.device).long()
+            count = min(_SAMPLES, flat.numel())
+            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
             samples.append(flat[index].float())
         h.update(torch.cat(samples).cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -1,7 +1,9 @@
 # ember: every figure/table is a parameterized notebook run headlessly by papermill.
 #   make all                      every figure at the default profile
 #   make fig2 PROFILE=paper P='repeats=5'
-#   make fig2 PROFILE=paper REUSE=1   render from results of `ember run fig2 --profile paper` (e.g. a GPU box)
+#   make fig2 PROFILE=paper REUSE=1   render from results of `ember run fig2 --profile paper` (e.g. a GPU box);
+#                                     STALE=1 also renders a run of unknown git SHA, marked stale
+#   make stamp                    write the git SHA into .ember-sha before shipping the tree to a GPU machine
 #   make test                     pytest + nbval (smoke profile)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,14 +12,15 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 P ?=
 REUSE ?=
+STALE ?=
 FIGURES := fig2 fig6
 TEST_OUT := $(CURDIR)/.test-out
 
-.PHONY: setup all test bench lab clean help targets models $(FIGURES)
+.PHONY: setup all test bench lab clean help targets models stamp $(FIGURES)
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup all $(FIGURES) models test bench lab clean"
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup all $(FIGURES) models stamp test bench lab clean"
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +35,16 @@ all: $(FIGURES)
 
 # One rule for every figure/table: add the target's name to FIGURES.
 $(FIGURES): setup
-	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse)
+	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse) $(if $(STALE),--allow-stale)
 
 targets: setup
 	$(PY) -m ember.cli targets
 
 models: setup
 	$(PY) -m ember.cli models
+
+stamp: setup
+	$(PY) -m ember.cli stamp
 
 test: setup
 	rm -rf $(TEST_OUT)

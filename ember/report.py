@@ -21,6 +21,7 @@ from pathlib import Path
 from ember.errors import ReportError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_SHA_FILE = REPO_ROOT / ".ember-sha"  # written by `ember stamp` before a tree is copied to another machine
 _DIGITS = ["Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine"]
 
 
@@ -65,16 +66,36 @@ def save_figure(fig, target: str) -> list[Path]:
     return paths
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
 def git_state() -> dict:
-    """Commit SHA of the repository and whether the tree had uncommitted changes ('unknown' outside git)."""
+    """Commit SHA of the repository and whether the tree had uncommitted changes.
+
+    Outside a git checkout (a tree copied to a GPU machine), the SHA stamped into the tree before it was
+    shipped (`ember stamp`, file .ember-sha); 'unknown' when there is neither.
+    """
     try:
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
-        return {"sha": sha, "dirty": dirty}
+        return {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != "",
+                "source": "git"}
     except (OSError, subprocess.SubprocessError):
-        return {"sha": "unknown", "dirty": None}
+        pass
+    try:
+        stamped = json.loads(SHIPPED_SHA_FILE.read_text())
+        return {"sha": str(stamped["sha"]), "dirty": stamped.get("dirty"), "source": "shipped"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"sha": "unknown", "dirty": None, "source": None}
+
+
+def stamp_tree() -> dict:
+    """Write the checkout's git state into .ember-sha (atomically), for runs made on a copy of the tree."""
+    state = git_state()
+    if state["source"] != "git":
+        raise ReportError(f"stamp: expected a git checkout at {REPO_ROOT}, found none")
+    atomic_write(SHIPPED_SHA_FILE, json.dumps({"sha": state["sha"], "dirty": state["dirty"]}) + "\n")
+    return state
 
 
 def device_info(device: str = "cpu") -> dict:
@@ -107,20 +128,27 @@ def versions() -> dict:
     return found
 
 
-def build_manifest(params, provenance: dict, timings: dict, device: str, extra: dict | None = None) -> dict:
-    """The manifest of a run: what was asked, with what code and weights, on what, and how long it took."""
+def run_manifest(target: str, params: dict, provenance: dict, device: str, timings: dict | None = None,
+                 profile: str | None = None, extra: dict | None = None) -> dict:
+    """The manifest of any run (figure, benchmark, evaluation): what was asked, with what code and weights,
+    on what, and how long it took."""
     return {
-        "target": params.target,
-        "profile": params.profile,
-        "params": dataclasses.asdict(params),
+        "target": target,
+        "profile": profile,
+        "params": params,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": git_state(),
         "versions": versions(),
         "device": device_info(device),
         "weights": provenance,
-        "timings_s": timings,
+        "timings_s": timings or {},
         **(extra or {}),
     }
+
+
+def build_manifest(params, provenance: dict, timings: dict, device: str, extra: dict | None = None) -> dict:
+    """The manifest of a figure run from its params dataclass."""
+    return run_manifest(params.target, dataclasses.asdict(params), provenance, device, timings, params.profile, extra)
 
 
 def write_results(target: str, df, manifest: dict) -> dict[str, Path]:
@@ -162,11 +190,15 @@ def publish(params, df, provenance: dict, timings: dict, fig=None, macros: dict 
             extra: dict | None = None, manifest: dict | None = None) -> dict[str, Path]:
     """Write every output of a figure run: results.csv + manifest.json, figures/<target>.pdf|png, macros.
 
-    `manifest` keeps an existing run's manifest (re-rendering results measured elsewhere, e.g. on a GPU)."""
+    `manifest` keeps an existing run's manifest (re-rendering results measured elsewhere, e.g. on a GPU); a
+    manifest marked stale (see `load_results`) puts a visible note on the figure."""
     if manifest is None:
         manifest = build_manifest(params, provenance, timings, provenance.get("device", "cpu"), extra)
     paths = {}
     if fig is not None:
+        if manifest.get("stale"):
+            fig.text(0.5, 0.005, f"STALE: {manifest['stale']}", ha="center", va="bottom", color="firebrick",
+                     fontsize=9, fontweight="bold")
         paths["figures"] = save_figure(fig, params.target)
     if macros:
         paths["macros"] = write_macros(params.target, macros)
@@ -174,9 +206,10 @@ def publish(params, df, provenance: dict, timings: dict, fig=None, macros: dict 
     return paths
 
 
-def load_results(params) -> tuple:
+def load_results(params, allow_stale: bool = False) -> tuple:
     """(results DataFrame, manifest) of a finished run of exactly these params, for re-rendering a figure
-    without re-running it. Raises ReportError if there is none or its params differ."""
+    without re-running it. Raises ReportError if there is none, its params differ, or the code that made it
+    is unknown (no git SHA); `allow_stale` renders the last anyway, marked stale in manifest and figure."""
     import pandas as pd
 
     folder = report_dir(params.target)
@@ -189,5 +222,12 @@ def load_results(params) -> tuple:
         diff = sorted(k for k in set(wanted) | set(manifest.get("params", {}))
                       if wanted.get(k) != manifest.get("params", {}).get(k))
         raise ReportError(f"reuse: the run in {folder} has other params (differs in {diff})")
+    sha = manifest.get("git", {}).get("sha", "unknown")
+    if sha == "unknown":
+        if not allow_stale:
+            raise ReportError(f"reuse: the run in {folder} records no git SHA (expected the commit that made it, "
+                              f"found 'unknown'); re-run it, or render it anyway marked stale (STALE=1 / "
+                              f"--allow-stale)")
+        manifest["stale"] = "made by code of unknown git SHA"
     manifest["rerendered"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return pd.read_csv(csv_path), manifest

@@ -124,3 +124,52 @@ def test_notebooks_are_stored_without_outputs_except_checked_cells():
         for cell in (c for c in nb.cells if c.cell_type == "code"):
             checked = "NBVAL_CHECK_OUTPUT" in cell.source
             assert bool(cell.outputs) == checked, f"{path.name}: outputs only (and always) in checked cells"
+
+
+def test_git_state_falls_back_to_the_sha_stamped_before_shipping(tmp_path, monkeypatch):
+    import subprocess
+
+    assert report.git_state()["source"] == "git"
+    stamp = tmp_path / ".ember-sha"
+    monkeypatch.setattr(report, "SHIPPED_SHA_FILE", stamp)
+    written = report.stamp_tree()
+    assert json.loads(stamp.read_text())["sha"] == written["sha"]
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")
+
+    monkeypatch.setattr(report, "_git", no_git)  # a copied tree without .git
+    assert report.git_state() == {"sha": written["sha"], "dirty": written["dirty"], "source": "shipped"}
+    stamp.unlink()
+    assert report.git_state()["sha"] == "unknown"
+    with pytest.raises(ReportError, match="expected a git checkout"):
+        report.stamp_tree()
+
+
+def test_reuse_refuses_a_run_of_unknown_sha_unless_marked_stale(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(report, "git_state", lambda: {"sha": "unknown", "dirty": None, "source": None})
+    params = load_params("fig2", "smoke")
+    report.publish(params, pd.DataFrame({"a": [1]}), {"device": "cpu"}, {"experiment_s": 1.0})
+    with pytest.raises(ReportError, match="records no git SHA .* \\(STALE=1"):
+        report.load_results(params)
+    df, manifest = report.load_results(params, allow_stale=True)
+    assert manifest["stale"] and df["a"].tolist() == [1]
+    fig = plt.figure()
+    paths = report.publish(params, df, manifest["weights"], manifest["timings_s"], fig=fig, manifest=manifest)
+    assert "STALE" in "".join(t.get_text() for t in fig.texts)
+    assert json.loads(paths["manifest"].read_text())["stale"] == manifest["stale"]
+
+
+def test_benchmark_json_goes_through_the_manifest_builder():
+    from ember.bench import kvwire
+
+    out = kvwire.run(layers=1, heads=1, head_dim=8, tokens=4, device="cpu", repeats=1)
+    assert {"git", "versions", "device", "params", "created"} <= set(out)
+    assert out["target"] == "bench-kvwire" and out["params"]["tokens"] == 4

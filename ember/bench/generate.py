@@ -19,7 +19,7 @@ import torch
 from ember.engine import Engine, SamplingParams
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.models import load
-from ember.report import atomic_write, device_info, git_state, versions
+from ember.report import atomic_write, run_manifest
 
 # Peak HBM bandwidth in bytes/s by GPU name fragment (vendor data sheets).
 HBM_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
@@ -105,9 +105,9 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
                     prefix_cache=False)  # repeats of one prompt must not be served from the cache
     hf = hf_twin(loaded, device, loaded.model.output_weight.dtype) if with_hf else None
     prompt = random_prompts(loaded.config.vocab_size, 1, context, seed)[0]
-    report = {"model": model, "dtype": dtype, "context": context, "gen": gen, "repeats": repeats,
-              "weights": loaded.provenance, "device": device_info(device), "versions": versions(),
-              "git": git_state(), "cases": []}
+    params = {"model": model, "dtype": dtype, "context": context, "gen": gen, "candidates": candidates,
+              "repeats": repeats, "with_hf": with_hf, "seed": seed}
+    report = run_manifest("bench-generate", params, loaded.provenance, device, extra={"cases": []})
     if hf is not None:
         ids = torch.tensor([prompt[:64]], device=device)
         with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch
 
 from ember.experiments.workloads import resolve_device
 from ember.kv.wire import KVPayload, WireConfig, expected_size, pack, unpack
-from ember.report import atomic_write, device_info, git_state, versions
+from ember.report import atomic_write, run_manifest
 
 THROUGHPUT = {"int8/head": WireConfig("int8", "head"), "int4/token": WireConfig("int4", "token", block_tokens=1)}
 SIZES = {
@@ -56,10 +56,11 @@ def run(layers: int, heads: int, head_dim: int, tokens: int, device: str, repeat
     v = torch.randn(shape, generator=generator, device=device).half()
     payload = KVPayload(k, v, torch.arange(tokens), tokens)
     fp16_bytes = 2 * k.numel() * 2
-    report = {"shape": {"layers": layers, "heads": heads, "head_dim": head_dim, "tokens": tokens},
-              "fp16_bytes": fp16_bytes, "fp16_bytes_per_token": fp16_bytes // tokens, "repeats": repeats,
-              "device": device_info(str(device)), "versions": versions(), "git": git_state(), "throughput": {},
-              "bytes_per_token": {}}
+    params = {"layers": layers, "heads": heads, "head_dim": head_dim, "tokens": tokens, "repeats": repeats,
+              "seed": seed}
+    report = run_manifest("bench-kvwire", params, {"source": "random", "seed": seed}, str(device), extra={
+        "fp16_bytes": fp16_bytes, "fp16_bytes_per_token": fp16_bytes // tokens, "throughput": {},
+        "bytes_per_token": {}})
     floor = _timed(lambda: (k.to(torch.int8), v.to(torch.int8)), device, repeats)
     report["throughput"]["floor_cast_copy"] = {"seconds": floor, "gb_per_s": fp16_bytes / floor / 1e9}
     for name, config in THROUGHPUT.items():

@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 from ember.engine import Engine
-from ember.report import atomic_write, device_info, git_state, versions
+from ember.report import atomic_write, run_manifest
 from ember.tasks.evaluate import evaluate
 from ember.tasks.recall import recall_items, score
 
 
 def run(model: str, facts: list[int], items: int, seed: int, dtype: str, device: str, max_tokens: int) -> dict:
     engine = Engine.load(model, dtype=dtype, device=device, prefix_cache=False, max_batch_size=16)
-    report = {"model": model, "dtype": dtype, "items": items, "seed": seed, "weights": engine.provenance,
-              "device": device_info(device), "versions": versions(), "git": git_state(), "results": []}
+    params = {"model": model, "facts": facts, "items": items, "seed": seed, "dtype": dtype, "max_tokens": max_tokens}
+    report = run_manifest("eval-recall", params, engine.provenance, device, extra={"results": []})
     for count in facts:
         began = time.perf_counter()
         tasks = recall_items(items, count, seed=seed)

@@ -1,7 +1,9 @@
 """Benchmark: ember `Engine.generate` vs transformers `generate` on the same weights and workload.
 
 Batch 1 and n candidates of one prompt; reports prefill time, total time and generated tokens/s (median of
-repeats), plus the HBM roofline of a decode step on known GPUs. Writes JSON.
+repeats), plus the HBM roofline of a decode step on known GPUs. With --lora-rank r, also the same generation
+with a LoRA adapter of rank r on all seven projections of every layer, and the latency of swapping two
+resident adapters in place. Writes JSON.
 
   python -m ember.cli bench generate --model qwen2.5-0.5b --context 256 --gen 32 --out bench.json
 """
@@ -18,7 +20,7 @@ import torch
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.workloads import random_prompts, resolve_device
-from ember.models import load
+from ember.models import LoraAdapter, load
 from ember.report import atomic_write, run_manifest
 
 # Peak HBM bandwidth in bytes/s by GPU name fragment (vendor data sheets).
@@ -96,8 +98,32 @@ def roofline(loaded, device, context, gen, n) -> dict | None:
             "tokens_per_s_bound": n / step}
 
 
+def random_adapter(model, rank: int, seed: int) -> LoraAdapter:
+    """A rank-`rank` adapter on every projection of every layer with non-zero B (random, small)."""
+    adapter = LoraAdapter.create(model, r=rank, alpha=2 * rank, seed=seed, dtype=model.output_weight.dtype)
+    generator = torch.Generator(device=model.output_weight.device).manual_seed(seed)
+    with torch.no_grad():
+        for _, b in adapter.weights.values():
+            b.normal_(0, 0.01, generator=generator)
+    return adapter
+
+
+def swap_latency(engine, names: list[str], device, repeats: int = 20) -> dict:
+    """Seconds from `set_adapter` to the copy having finished on the device, alternating two adapters."""
+    times = []
+    for i in range(repeats):
+        _sync(device)
+        began = time.perf_counter()
+        engine.set_adapter(names[i % 2])
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    slots = engine._slots
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "repeats": repeats,
+            "matrices": len(slots.buffers), "slot_bytes": slots.nbytes}
+
+
 def run(model: str, dtype: str, device: str, context: int, gen: int, candidates: list[int], repeats: int,
-        with_hf: bool, seed: int = 0) -> dict:
+        with_hf: bool, seed: int = 0, lora_rank: int = 0) -> dict:
     """Benchmark results as a JSON-ready dict."""
     device = resolve_device(device)
     loaded = load(model, dtype=dtype, device=device, seed=seed)
@@ -106,8 +132,13 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
     hf = hf_twin(loaded, device, loaded.model.output_weight.dtype) if with_hf else None
     prompt = random_prompts(loaded.config.vocab_size, 1, context, seed)[0]
     params = {"model": model, "dtype": dtype, "context": context, "gen": gen, "candidates": candidates,
-              "repeats": repeats, "with_hf": with_hf, "seed": seed}
+              "repeats": repeats, "with_hf": with_hf, "seed": seed, "lora_rank": lora_rank}
     report = run_manifest("bench-generate", params, loaded.provenance, device, extra={"cases": []})
+    names = [engine.load_adapter(random_adapter(loaded.model, lora_rank, s)) for s in (1, 2)] if lora_rank else []
+    if names:
+        engine.set_adapter(names[0])  # the first swap allocates nothing: slots exist since load_adapter
+        report["lora_swap"] = swap_latency(engine, names, device)
+        engine.set_adapter(None)
     if hf is not None:
         ids = torch.tensor([prompt[:64]], device=device)
         with torch.inference_mode():
@@ -117,6 +148,12 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
         time_ember(engine, prompt, n, min(gen, 4))  # warm-up
         case = {"candidates": n, "ember": _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)]),
                 "roofline": roofline(loaded, device, context, gen, n)}
+        if names:  # the same generation with an adapter active
+            engine.set_adapter(names[0])
+            time_ember(engine, prompt, n, min(gen, 4))  # warm-up (captures the graph over the slots once)
+            case["ember_lora"] = _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)])
+            case["lora_tokens_per_s_vs_base"] = case["ember_lora"]["tokens_per_s"] / case["ember"]["tokens_per_s"]
+            engine.set_adapter(None)
         if torch.device(device).type == "cuda":  # the same engine without CUDA graphs, to show what they buy
             eager = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
                            cuda_graphs=False, prefix_cache=False)
@@ -142,10 +179,14 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", default="1,8", help="comma-separated n values")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="also time generation with a LoRA adapter of this rank (all projections, all layers) "
+                             "and adapter swaps; 0 skips it")
     parser.add_argument("--out", default="reports/bench/generate.json")
     args = parser.parse_args(argv)
     report = run(args.model, args.dtype, args.device, args.context, args.gen,
-                 [int(x) for x in args.candidates.split(",")], args.repeats, not args.no_hf)
+                 [int(x) for x in args.candidates.split(",")], args.repeats, not args.no_hf,
+                 lora_rank=args.lora_rank)
     atomic_write(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

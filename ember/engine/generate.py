@@ -132,7 +132,7 @@ class Engine:
     versions of the weights in use (`versions`), derived from the base weights and the active adapter.
     """
 
-    CAPACITY_BUCKET = 256  # graph workspaces round their capacity up to a multiple of this
+    CAPACITY_BUCKET = 128  # graph workspaces round their capacity up to a multiple of this
 
     def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
                  cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, max_workspaces: int = 4):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -71,30 +72,49 @@ def _git(*args: str) -> str:
                           check=True).stdout.strip()
 
 
-def git_state() -> dict:
-    """Commit SHA of the repository and whether the tree had uncommitted changes.
+def _tree_hash(paths: list[str]) -> str | None:
+    """sha256 over the paths and contents of files under the repository root (None if one is missing)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        try:
+            data = (REPO_ROOT / path).read_bytes()
+        except OSError:
+            return None
+        digest.update(f"{path}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
-    Outside a git checkout (a tree copied to a GPU machine), the SHA stamped into the tree before it was
-    shipped (`ember stamp`, file .ember-sha); 'unknown' when there is neither.
+
+def git_state() -> dict:
+    """Commit SHA of the code that runs and whether it had uncommitted changes.
+
+    A tree copied to another machine (a GPU box) carries .ember-sha, written by `ember stamp` before it was
+    shipped: when the files it lists still hash to what it recorded, its SHA is the answer (whatever a copied
+    .git says). Otherwise the checkout's git state; 'unknown' when there is neither.
     """
+    try:
+        stamped = json.loads(SHIPPED_SHA_FILE.read_text())
+        if _tree_hash(stamped["files"]) == stamped["tree_hash"]:
+            return {"sha": str(stamped["sha"]), "dirty": stamped["dirty"], "source": "shipped"}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     try:
         return {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != "",
                 "source": "git"}
     except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        stamped = json.loads(SHIPPED_SHA_FILE.read_text())
-        return {"sha": str(stamped["sha"]), "dirty": stamped.get("dirty"), "source": "shipped"}
-    except (OSError, ValueError, KeyError, TypeError):
         return {"sha": "unknown", "dirty": None, "source": None}
 
 
 def stamp_tree() -> dict:
-    """Write the checkout's git state into .ember-sha (atomically), for runs made on a copy of the tree."""
-    state = git_state()
-    if state["source"] != "git":
-        raise ReportError(f"stamp: expected a git checkout at {REPO_ROOT}, found none")
-    atomic_write(SHIPPED_SHA_FILE, json.dumps({"sha": state["sha"], "dirty": state["dirty"]}) + "\n")
+    """Write the checkout's git SHA, dirty flag and a hash of its tracked files into .ember-sha (atomically),
+    for runs made on a copy of the tree. Returns the git state."""
+    try:
+        state = {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != ""}
+        files = _git("ls-files").splitlines()
+    except (OSError, subprocess.SubprocessError) as error:
+        raise ReportError(f"stamp: expected a git checkout at {REPO_ROOT}, found none ({error})") from error
+    stamp = {**state, "files": files, "tree_hash": _tree_hash(files)}
+    atomic_write(SHIPPED_SHA_FILE, json.dumps(stamp) + "\n")
     return state
 
 

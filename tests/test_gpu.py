@@ -79,7 +79,7 @@ def test_decode_graphs_are_captured_once_per_bucket_and_survive_adapter_swaps():
     eager = Engine(loaded.model, loaded.tokenizer, cuda_graphs=False, prefix_cache=False)
     first = graphed.generate(PROMPTS, n=2, sampling=params)
     second = graphed.generate(PROMPTS[::-1], n=2, sampling=params)  # same bucket: replayed, not recaptured
-    assert first.timings["capture"] > 0 and second.timings["capture"] == 0 and len(graphed._graphs) == 1
+    assert first.timings["capture"] > 0 and second.timings.get("capture", 0) == 0 and len(graphed._graphs) == 1
     adapters = []
     for seed in (1, 2):
         adapter = LoraAdapter.create(loaded.model, r=4, alpha=8, seed=seed)

@@ -126,21 +126,30 @@ def test_notebooks_are_stored_without_outputs_except_checked_cells():
             assert bool(cell.outputs) == checked, f"{path.name}: outputs only (and always) in checked cells"
 
 
-def test_git_state_falls_back_to_the_sha_stamped_before_shipping(tmp_path, monkeypatch):
+def test_git_state_uses_the_sha_stamped_before_shipping(tmp_path, monkeypatch):
     import subprocess
 
     assert report.git_state()["source"] == "git"
     stamp = tmp_path / ".ember-sha"
     monkeypatch.setattr(report, "SHIPPED_SHA_FILE", stamp)
     written = report.stamp_tree()
-    assert json.loads(stamp.read_text())["sha"] == written["sha"]
+    saved = json.loads(stamp.read_text())
+    assert saved["sha"] == written["sha"] and "ember/report.py" in saved["files"]
+    assert report.git_state() == {**written, "source": "shipped"}  # the files are those stamped
+
+    def stale_git(*args):  # a copied tree whose .git is of another commit
+        return "0" * 40 if args[0] == "rev-parse" else " M something"
+
+    monkeypatch.setattr(report, "_git", stale_git)
+    assert report.git_state()["sha"] == written["sha"]
+    saved["tree_hash"] = "0" * 64  # the files changed since the stamp: the stamp no longer speaks for them
+    stamp.write_text(json.dumps(saved))
+    assert report.git_state() == {"sha": "0" * 40, "dirty": True, "source": "git"}
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, "git")
 
-    monkeypatch.setattr(report, "_git", no_git)  # a copied tree without .git
-    assert report.git_state() == {"sha": written["sha"], "dirty": written["dirty"], "source": "shipped"}
-    stamp.unlink()
+    monkeypatch.setattr(report, "_git", no_git)
     assert report.git_state()["sha"] == "unknown"
     with pytest.raises(ReportError, match="expected a git checkout"):
         report.stamp_tree()

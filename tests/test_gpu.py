@@ -120,3 +120,44 @@ def test_lora_slots_match_the_attached_reference_in_bf16():
         attached = loaded.model(ids).float()
         attach(loaded.model, None)
     torch.testing.assert_close(slotted, attached, atol=0.1, rtol=0.05)  # bf16: scale folded into B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_kernel_matches_the_two_gemm_reference(dtype):
+    from ember.models.lora_kernel import lora_add_
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for rows, in_features, out_features, rank in ((1, 2560, 1024, 16), (8, 100, 70, 32), (64, 9728, 2560, 16)):
+        x = torch.randn(rows, in_features, device="cuda", generator=generator).to(dtype)
+        a = (torch.randn(rank, in_features, device="cuda", generator=generator) / in_features ** 0.5).to(dtype)
+        b = torch.randn(out_features, rank, device="cuda", generator=generator).to(dtype)
+        y = torch.randn(rows, out_features, device="cuda", generator=generator).to(dtype)
+        reference = torch.addmm(y.float(), (x.float() @ a.float().t()).to(dtype).float(), b.float().t())
+        fused = lora_add_(y.clone(), x, a, b).float()
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(fused, reference, atol=tolerance, rtol=tolerance)
+
+
+def test_engine_with_fused_lora_matches_the_unfused_path():
+    from ember.models import LoraAdapter
+    from ember.models.lora import LoraLinear
+
+    loaded = load("tiny-qwen3")
+    loaded.model.to("cuda")
+    adapter = LoraAdapter.create(loaded.model, r=5, alpha=10, seed=3)
+    for _, b in adapter.weights.values():
+        b.data.normal_(0, 0.3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for fused in (True, False):
+        LoraLinear.fused = fused
+        try:
+            engine = Engine(loaded.model, loaded.tokenizer, prefix_cache=False)
+            engine.set_adapter(engine.load_adapter(adapter))
+            results.append(engine.generate(PROMPTS, n=2, sampling=params))
+        finally:
+            LoraLinear.fused = True
+    for a, b in zip(*(r.outputs for r in results)):
+        for x, y in zip(a.completions, b.completions):
+            assert x.token_ids == y.token_ids
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import AdapterError
+from ember.models import lora_kernel
 
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -43,7 +44,13 @@ _MUST_BE = {"peft_type": ("LORA",), "use_dora": (False, None), "bias": ("none",)
 
 
 class LoraLinear(nn.Linear):
-    """nn.Linear with an optional low-rank slot: y = W x + b + scale * B (A x), A (r, in), B (out, r)."""
+    """nn.Linear with an optional low-rank slot: y = W x + b + scale * B (A x), A (r, in), B (out, r).
+
+    Without gradients, on CUDA, for decode-sized inputs and slots shaped for it, the low-rank term runs as one
+    fused kernel (`lora_kernel`); `fused = False` (class or instance) forces the two-GEMM reference path.
+    """
+
+    fused = os.environ.get("EMBER_FUSED_LORA", "1") != "0"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
@@ -55,11 +62,20 @@ class LoraLinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.lora_a is None:
             return y
+        if self._fusable(x):
+            lora_kernel.lora_add_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self.lora_a,
+                                  self.lora_b)
+            return y
         low = F.linear(x, self.lora_a)  # (..., r)
         if self.lora_scale != 1.0:
             low = low * self.lora_scale
         flat = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_b.t())
         return flat.view(y.shape)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.fused and x.is_cuda and self.lora_scale == 1.0 and not torch.is_grad_enabled()
+                and x.numel() // x.shape[-1] <= lora_kernel.MAX_ROWS and lora_kernel.triton is not None
+                and self.lora_a.shape[0] == lora_kernel.padded_rank(self.lora_a.shape[0]))
 
 
 def lora_modules(model) -> dict[str, LoraLinear]:
@@ -263,10 +279,12 @@ class LoraSlots:
 
     def __init__(self, model, layout: dict[str, int]):
         self.model = model
+        weight = model.output_weight
+        if weight.is_cuda and lora_kernel.available():  # ranks the fused kernel takes (zero rows cost nothing)
+            layout = {name: lora_kernel.padded_rank(rank) for name, rank in layout.items()}
         self.layout = dict(sorted(layout.items()))
         modules = lora_modules(model)
         self.modules = [modules[name] for name in self.layout]
-        weight = model.output_weight
         self.buffers = []
         for module, rank in zip(self.modules, self.layout.values()):
             a = torch.zeros(rank, module.in_features, dtype=weight.dtype, device=weight.device)  # (r, in)

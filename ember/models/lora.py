@@ -75,6 +75,7 @@ class LoraLinear(nn.Linear):
     def _fusable(self, x: torch.Tensor) -> bool:
         return (self.fused and x.is_cuda and self.lora_scale == 1.0 and not torch.is_grad_enabled()
                 and x.numel() // x.shape[-1] <= lora_kernel.MAX_ROWS and lora_kernel.triton is not None
+                and self.in_features <= lora_kernel.MAX_IN_FEATURES
                 and self.lora_a.shape[0] == lora_kernel.padded_rank(self.lora_a.shape[0]))
 
 

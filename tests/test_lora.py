@@ -289,3 +289,21 @@ def test_real_smollm2_with_an_adapter_matches_peft(tmp_path):
     diff = _assert_engine_matches_peft(loaded, engine, _hf_with_peft(packages.model_dir(name), tmp_path / "a"),
                                        prompts)
     assert diff < 1e-4, f"chosen-token logprobs differ from peft by {diff}"
+
+
+def test_engines_sharing_one_model_each_serve_their_own_adapter():
+    loaded = load("tiny-llama")
+    first, second = (_randomize(LoraAdapter.create(loaded.model, r=2, alpha=4, seed=s), s) for s in (1, 2))
+    engines = [Engine(loaded.model, loaded.tokenizer, prefix_cache=False) for _ in range(2)]
+    for engine, adapter in zip(engines, (first, second)):
+        engine.set_adapter(engine.load_adapter(adapter))
+    references = []
+    for adapter in (first, second):
+        attach(loaded.model, adapter)
+        references.append(Engine(loaded.model, loaded.tokenizer, prefix_cache=False).generate(PROMPTS, sampling=GREEDY))
+    attach(loaded.model, None)
+    for _ in range(2):  # alternate: each call must use its own engine's slots
+        for engine, reference in zip(engines, references):
+            result = engine.generate(PROMPTS, sampling=GREEDY)
+            assert [o.completions[0].token_ids for o in result.outputs] == \
+                [o.completions[0].token_ids for o in reference.outputs]

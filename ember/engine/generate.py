@@ -206,6 +206,12 @@ class Engine:
         if self._adapters.pop(name, None) is None:
             raise AdapterError(f"remove_adapter: expected one of {self.adapters}, found {name!r}")
 
+    def _bind_slots(self) -> None:
+        """Point the model at this engine's slots before it runs (another engine over the same model may have
+        bound its own)."""
+        if self._slots is not None:
+            self._slots.bind(self.active_adapter is not None)
+
     def _build_slots(self) -> None:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""
         if self._slots is not None:
@@ -227,6 +233,7 @@ class Engine:
         tokens = self._requests([prompt], 1, None)[0].prompt
         whole_blocks = len(tokens) - len(tokens) % self.prefix_cache.block_size
         versions = self.versions
+        self._bind_slots()
         if pinned and self.prefix_cache.cached_tokens(tokens, versions) < whole_blocks:
             prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, versions, self.prefix_cache)
         return self.prefix_cache.pin(tokens, versions, pinned)
@@ -295,6 +302,7 @@ class Engine:
         `use_prefix_cache` is False. Returns outputs in prompt order with a stage timing breakdown.
         """
         requests = self._requests(prompts, n, sampling)
+        self._bind_slots()
         timer = StageTimer(self.device)
         per_batch = max(1, self.max_batch_size // n)
         batches = [requests[i:i + per_batch] for i in range(0, len(requests), per_batch)]

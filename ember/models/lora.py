@@ -291,7 +291,6 @@ class LoraSlots:
             a = torch.zeros(rank, module.in_features, dtype=weight.dtype, device=weight.device)  # (r, in)
             b = torch.zeros(module.out_features, rank, dtype=weight.dtype, device=weight.device)  # (out, r)
             self.buffers += [a, b]
-        self.active = False
 
     @staticmethod
     def layout_for(adapters) -> dict[str, int]:
@@ -323,18 +322,18 @@ class LoraSlots:
         return packed
 
     def load(self, packed: list[torch.Tensor] | None) -> None:
-        """Copy a packed adapter into the slots in place and activate them; None deactivates (the base model)."""
-        if packed is None:
-            for module in self.modules:
-                module.lora_a = module.lora_b = None
-            self.active = False
-            return
-        with torch.no_grad():
-            torch._foreach_copy_(self.buffers, packed)
-        if not self.active:
-            for i, module in enumerate(self.modules):
-                module.lora_a, module.lora_b, module.lora_scale = self.buffers[2 * i], self.buffers[2 * i + 1], 1.0
-            self.active = True
+        """Copy a packed adapter into the slots in place and bind them; None unbinds (the base model)."""
+        if packed is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, packed)
+        self.bind(packed is not None)
+
+    def bind(self, active: bool) -> None:
+        """Point the model's projections at these slots (or clear them): engines sharing one model each own
+        their slots, so each binds its own before it runs."""
+        for i, module in enumerate(self.modules):
+            module.lora_a, module.lora_b = self.buffers[2 * i:2 * i + 2] if active else (None, None)
+            module.lora_scale = 1.0
 
 
 def _scale(alpha: float, rank: int, use_rslora: bool) -> float:

@@ -36,8 +36,8 @@ def run_notebook(target: str, profile: str = "default", overrides: str = "", pro
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / source.name
     partial = folder / f".{source.stem}.running.ipynb"
-    papermill.execute_notebook(str(source), str(partial), parameters={"profile": profile, "overrides": overrides, "reuse": reuse,
-                                                                      "allow_stale": allow_stale},
+    parameters = {"profile": profile, "overrides": overrides, "reuse": reuse, "allow_stale": allow_stale}
+    papermill.execute_notebook(str(source), str(partial), parameters=parameters,
                                cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
     os.replace(partial, final)
     return final

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from padding import left_padded
 
 from ember.engine import Engine, SamplingParams
 from ember.errors import AdapterError
@@ -33,17 +34,9 @@ def _hf_with_peft(directory, adapter_dir, trainable=False):
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable).eval()
 
 
-def _left_padded(tokenizer, prompts):
-    encoded = [tokenizer.encode(p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return ids, mask, width
-
-
 def _assert_engine_matches_peft(loaded, engine, peft_model, prompts, new=32):
     result = engine.generate(prompts, sampling=SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    ids, mask, width = _left_padded(loaded.tokenizer, prompts)
+    ids, mask, width = left_padded(loaded.tokenizer, prompts)
     with torch.no_grad():
         reference = peft_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
                                         min_new_tokens=new, eos_token_id=None,
@@ -102,7 +95,7 @@ def test_lora_gradients_match_peft_and_finite_differences(tiny_dirs, tmp_path):
     loaded = load(str(tiny_dirs[family]))
     adapter = _randomize(LoraAdapter.create(loaded.model, r=4, alpha=8, targets=("q_proj", "up_proj"), seed=5), 6)
     adapter.save(tmp_path / "a")
-    ids, mask, _ = _left_padded(loaded.tokenizer, PROMPTS[:3])
+    ids, mask, _ = left_padded(loaded.tokenizer, PROMPTS[:3])
     labels = ids.roll(-1, dims=1)
     scored = mask[:, :-1] * mask[:, 1:]  # real token predicting a real token
 

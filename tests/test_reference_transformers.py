@@ -1,6 +1,7 @@
 """ember's decoder and generate against transformers, per family, fp32 on CPU."""
 
 import torch
+from padding import left_padded
 
 from ember.engine import Engine, SamplingParams
 from ember.models import load
@@ -9,17 +10,9 @@ PROMPTS = ["The code for Alice is 4821. The code for Bob is", "Hi", "Once upon a
            "def f(x):\n    return"]
 
 
-def _left_padded(tokenizer, prompts):
-    encoded = [tokenizer.encode(p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return ids, mask, width
-
-
 def test_logits_match_transformers_on_padded_batch(family, tiny_dirs, hf_models):
     loaded = load(str(tiny_dirs[family]))
-    ids, mask, _ = _left_padded(loaded.tokenizer, PROMPTS)
+    ids, mask, _ = left_padded(loaded.tokenizer, PROMPTS)
     ours = loaded.model(ids, mask.bool())
     with torch.no_grad():
         ref = hf_models[family](input_ids=ids, attention_mask=mask,
@@ -34,7 +27,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, tiny_dirs, hf_mod
     new = 40
     result = Engine(loaded.model, loaded.tokenizer).generate(
         PROMPTS, sampling=SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    ids, mask, width = _left_padded(loaded.tokenizer, PROMPTS)
+    ids, mask, width = left_padded(loaded.tokenizer, PROMPTS)
     with torch.no_grad():
         reference = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
                                 min_new_tokens=new, eos_token_id=None, pad_token_id=loaded.tokenizer.pad_token_id)

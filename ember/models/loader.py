@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from ember.models.decoder import DecoderLM
 from ember.models.packages import PACKAGE_MODELS, ensure, source_info
 from ember.models.presets import PRESETS, TINY_PRESETS
 from ember.models.tokenizer import CharTokenizer, load_tokenizer
+from ember.report import atomic_directory
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -136,9 +134,7 @@ def save_pretrained(loaded: LoadedModel, directory) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         hf = loaded.config.to_hf()
         hf["torch_dtype"] = str(loaded.model.output_weight.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
@@ -146,12 +142,6 @@ def save_pretrained(loaded: LoadedModel, directory) -> Path:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if loaded.tokenizer is not None:
             loaded.tokenizer.save(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

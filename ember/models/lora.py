@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 
 from ember.errors import AdapterError
 from ember.models import lora_kernel
+from ember.report import atomic_directory
 
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -217,7 +216,6 @@ class LoraAdapter:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         ranks = {name: a.shape[0] for name, (a, _) in self.weights.items()}
         alphas = {name: self.scales[name] * (math.sqrt(ranks[name]) if self.use_rslora else ranks[name])
                   for name in self.weights}
@@ -234,16 +232,9 @@ class LoraAdapter:
         for name, (a, b) in self.weights.items():
             state[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
             state[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 

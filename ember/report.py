@@ -105,16 +105,36 @@ def _tree_hash(paths: list[str]) -> str | None:
     return digest.hexdigest()
 
 
+def _stamp_speaks_for_tree(stamped: dict) -> bool:
+    """Whether .ember-sha describes the files here: they hash as stamped, and the local git (if any) has not
+    moved on from the stamped commit (a git that does not know that commit is a stale copy: the stamp wins)."""
+    expected = stamped.get("tree_hash")
+    if expected is None or _tree_hash(stamped["files"]) != expected:
+        return False
+    try:
+        head = _git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return True  # no git here: a shipped copy
+    if head == stamped["sha"]:
+        return True
+    try:
+        _git("cat-file", "-e", f"{stamped['sha']}^{{commit}}")
+        return False  # this checkout has the stamped commit and has moved on: git speaks for it
+    except (OSError, subprocess.SubprocessError):
+        return True  # a copied .git of another commit
+
+
 def git_state() -> dict:
     """Commit SHA of the code that runs and whether it had uncommitted changes.
 
     A tree copied to another machine (a GPU box) carries .ember-sha, written by `ember stamp` before it was
-    shipped: when the files it lists still hash to what it recorded, its SHA is the answer (whatever a copied
-    .git says). Otherwise the checkout's git state; 'unknown' when there is neither.
+    shipped: while the files it lists still hash to what it recorded (and no local git has moved past it), its
+    SHA is the answer, whatever a copied .git says. Otherwise the checkout's git state; 'unknown' when there is
+    neither.
     """
     try:
         stamped = json.loads(SHIPPED_SHA_FILE.read_text())
-        if _tree_hash(stamped["files"]) == stamped["tree_hash"]:
+        if _stamp_speaks_for_tree(stamped):
             return {"sha": str(stamped["sha"]), "dirty": stamped["dirty"], "source": "shipped"}
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -262,7 +282,7 @@ def load_results(params, allow_stale: bool = False) -> tuple:
         diff = sorted(k for k in set(wanted) | set(manifest.get("params", {}))
                       if wanted.get(k) != manifest.get("params", {}).get(k))
         raise ReportError(f"reuse: the run in {folder} has other params (differs in {diff})")
-    sha = manifest.get("git", {}).get("sha", "unknown")
+    sha = (manifest.get("git") or {}).get("sha", "unknown")
     if sha == "unknown":
         if not allow_stale:
             raise ReportError(f"reuse: the run in {folder} records no git SHA (expected the commit that made it, "

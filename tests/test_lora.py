@@ -140,18 +140,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     loaded = load("tiny-qwen3")
     adapter = _randomize(LoraAdapter.create(loaded.model, r=4, alpha=4, seed=0), 1)
     ids = torch.tensor([loaded.tokenizer.encode(PROMPTS[0])])
-    grads = []
+    grads, calls = [], []
+    hook = loaded.model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
     attach(loaded.model, adapter)
     try:
         for checkpointing in (False, True):
             loaded.model.gradient_checkpointing = checkpointing
+            calls.clear()
             loaded.model(ids).logsumexp(-1).mean().backward()
             grads.append([t.grad.clone() for t in adapter.parameters()])
+            grads[-1].append(len(calls))
             for t in adapter.parameters():
                 t.grad = None
     finally:
+        hook.remove()
         loaded.model.gradient_checkpointing = False
         attach(loaded.model, None)
+    assert grads[0].pop() == 1 and grads[1].pop() == 2  # with checkpointing the layer ran again in backward
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)
 
@@ -224,6 +229,8 @@ def _write_adapter(tmp_path, change=None, drop=None):
     ({"target_modules": ["q_proj", "lm_head"]}, "target_modules \\['lm_head'\\]"),
     ({"r": 0}, "r: expected an integer >= 1"),
     ({"rank_pattern": {"q_proj": 3}}, "rank: expected 3 from the config, found 2"),
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens = \\[5, 6\\] is not supported"),
+    ({"use_qalora": True}, "use_qalora"),
 ])
 def test_unsupported_adapter_configs_name_the_field(tmp_path, change, message):
     _, path = _write_adapter(tmp_path, change)
@@ -285,19 +292,34 @@ def test_real_smollm2_with_an_adapter_matches_peft(tmp_path):
     assert diff < 1e-4, f"chosen-token logprobs differ from peft by {diff}"
 
 
-def test_engines_sharing_one_model_each_serve_their_own_adapter():
+def test_engines_sharing_one_model_each_serve_their_own_weights():
+    """Engines over one model with different adapter layouts, and one without adapters, each run exactly what
+    its own `versions` describe, whatever the others (or an `attach`) left in the slots."""
     loaded = load("tiny-llama")
-    first, second = (_randomize(LoraAdapter.create(loaded.model, r=2, alpha=4, seed=s), s) for s in (1, 2))
-    engines = [Engine(loaded.model, loaded.tokenizer, prefix_cache=False) for _ in range(2)]
-    for engine, adapter in zip(engines, (first, second)):
+    narrow = _randomize(LoraAdapter.create(loaded.model, r=2, alpha=4, targets=("q_proj",), seed=1), 1)
+    wide = _randomize(LoraAdapter.create(loaded.model, r=4, alpha=4, seed=2), 2)
+    engines = [Engine(loaded.model, loaded.tokenizer, prefix_cache=False) for _ in range(3)]
+    for engine, adapter in zip(engines, (narrow, wide)):  # the third engine never loads an adapter
         engine.set_adapter(engine.load_adapter(adapter))
     references = []
-    for adapter in (first, second):
-        attach(loaded.model, adapter)
-        references.append(Engine(loaded.model, loaded.tokenizer, prefix_cache=False).generate(PROMPTS, sampling=GREEDY))
-    attach(loaded.model, None)
-    for _ in range(2):  # alternate: each call must use its own engine's slots
+    for adapter in (narrow, wide, None):  # each on its own copy of the model
+        twin = load("tiny-llama")
+        reference = Engine(twin.model, twin.tokenizer, prefix_cache=False)
+        if adapter is not None:
+            reference.set_adapter(reference.load_adapter(adapter))
+        references.append(reference.generate(PROMPTS, sampling=GREEDY))
+    tokens = lambda r: [o.completions[0].token_ids for o in r.outputs]  # noqa: E731
+    for _ in range(2):  # alternate: each call must run its own engine's weights
         for engine, reference in zip(engines, references):
-            result = engine.generate(PROMPTS, sampling=GREEDY)
-            assert [o.completions[0].token_ids for o in result.outputs] == \
-                [o.completions[0].token_ids for o in reference.outputs]
+            attach(loaded.model, wide)  # a trainer's attach must not leak into generation either
+            assert tokens(engine.generate(PROMPTS, sampling=GREEDY)) == tokens(reference)
+    assert tokens(references[0]) != tokens(references[2]) != tokens(references[1])
+
+
+def test_default_adapter_names_never_overwrite_a_resident_one():
+    loaded = load("tiny-llama")
+    engine = Engine(loaded.model, loaded.tokenizer)
+    made = [engine.load_adapter(LoraAdapter.create(loaded.model, r=2, alpha=2, seed=s)) for s in range(2)]
+    engine.remove_adapter(made[0])
+    third = engine.load_adapter(LoraAdapter.create(loaded.model, r=2, alpha=2, seed=3))
+    assert made == ["adapter-0", "adapter-1"] and third == "adapter-0" and sorted(engine.adapters) == made

@@ -110,3 +110,28 @@ def test_cache_refuses_overflow_and_bad_groups():
     with pytest.raises(GenerationError, match="cache overflow"):
         cache.reserve(4, 1)
     assert json.dumps(config.to_hf())  # serializable
+
+
+def test_next_position_follows_the_last_real_position_whatever_the_mask():
+    config = PRESETS["tiny-llama"]
+    for valid in (None, torch.ones(1, 2, dtype=torch.bool)):
+        cache = KVCache(config, batch=1, capacity=8, dtype=torch.float32, device="cpu")
+        cache.next_position.fill_(5)
+        cache.reserve(1, 2, valid, positions=torch.tensor([[1, 3]]))  # explicit positions behind the cursor
+        assert cache.next_position.tolist() == [5]  # never moves backwards
+        cache.reserve(1, 2, valid, positions=torch.tensor([[9, 7]]))
+        assert cache.next_position.tolist() == [10]  # one past the largest position, not the last column
+
+
+def test_nested_stages_are_counted_once():
+    import time
+
+    from ember.engine.timers import StageTimer
+
+    timer = StageTimer("cpu")
+    with timer.stage("prefill"):
+        time.sleep(0.02)
+        with timer.stage("capture"):
+            time.sleep(0.05)
+    totals = timer.totals()
+    assert 0.02 <= totals["prefill"] < 0.05 <= totals["capture"] and totals == timer.totals()

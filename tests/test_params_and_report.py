@@ -137,14 +137,28 @@ def test_git_state_uses_the_sha_stamped_before_shipping(tmp_path, monkeypatch):
     assert saved["sha"] == written["sha"] and "ember/report.py" in saved["files"]
     assert report.git_state() == {**written, "source": "shipped"}  # the files are those stamped
 
-    def stale_git(*args):  # a copied tree whose .git is of another commit
+    real_git = report._git
+
+    def stale_git(*args):  # a copied tree whose .git is of another commit, which does not know the stamped one
+        if args[0] == "cat-file":
+            raise subprocess.CalledProcessError(128, "git")
         return "0" * 40 if args[0] == "rev-parse" else " M something"
 
     monkeypatch.setattr(report, "_git", stale_git)
     assert report.git_state()["sha"] == written["sha"]
+
+    def moved_on(*args):  # this checkout knows the stamped commit and has a newer HEAD: git speaks
+        return "1" * 40 if args[0] == "rev-parse" else real_git(*args)
+
+    monkeypatch.setattr(report, "_git", moved_on)
+    assert report.git_state()["sha"] == "1" * 40
+    monkeypatch.setattr(report, "_git", stale_git)
     saved["tree_hash"] = "0" * 64  # the files changed since the stamp: the stamp no longer speaks for them
     stamp.write_text(json.dumps(saved))
     assert report.git_state() == {"sha": "0" * 40, "dirty": True, "source": "git"}
+    saved["tree_hash"], saved["files"] = None, ["no/such/file"]  # a stamp over a missing file never matches
+    stamp.write_text(json.dumps(saved))
+    assert report.git_state()["source"] == "git"
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, "git")

@@ -52,7 +52,12 @@ def test_versions_follow_the_weights_in_use():
     assert engine.versions == base
     with torch.no_grad():
         engine.model.model.norm.weight[0] += 1.0  # a base weight changed in place: a new fingerprint
-    assert engine.versions.model != base.model
+    changed = engine.versions
+    assert changed.model != base.model
+    engine.model.model.layers[1].self_attn.k_proj.weight.data[3, 1] += 1e-3  # one value, through .data
+    assert engine.versions == changed  # torch does not count .data writes...
+    engine.weights_changed()
+    assert engine.versions.model != changed.model  # ...and the fingerprint sees any value once asked
 
 
 def test_blocks_of_an_old_adapter_are_reusable_to_the_first_changed_layer():
@@ -116,3 +121,13 @@ def test_blocks_store_boundary_states_that_recompute_upper_layers():
     assert (recomputed[2:] - kv[2:]).abs().max().item() < 1e-5
     with pytest.raises(Exception, match="boundary hidden states"):
         without.prefix_cache.gather_hidden(without.prefix_cache.match(tokens, without.versions))
+
+
+def test_boundary_layers_beyond_the_model_are_a_clear_error():
+    from ember.errors import GenerationError
+
+    engine = _deep_engine(2, PrefixCache(block_size=8, boundary_layers=(3,)))
+    with pytest.raises(GenerationError, match=r"boundary_layers: expected layers in \[0, 2\].*found \(3,\)"):
+        engine.generate(DOCS, sampling=GREEDY)
+    with pytest.raises(GenerationError, match="max_workspaces: expected >= 1"):
+        Engine(engine.model, engine.tokenizer, max_workspaces=0)

@@ -100,7 +100,8 @@ class KVCache:
         `valid` (rows, steps) marks real tokens; None means all are real (no device sync is needed then).
         Positions continue each row's `next_position` (padding takes the position of the next real token),
         unless explicit `positions` (rows, steps) are given. Marks the slots' key validity, advances the cursor
-        and the rows' next positions, and returns the first slot and the rotary positions (b, T).
+        and each row's next position to one past its largest real position (never backwards), and returns the
+        first slot and the rotary positions (b, T).
         """
         group = self._group(rows)
         start = self.length
@@ -112,12 +113,12 @@ class KVCache:
             positions = self.next_position[::group, None] + offsets  # (b, T)
         if valid is None:
             self.key_valid[:, start:start + steps] = True
-            self.next_position.copy_(positions[:, -1].repeat_interleave(group) + 1)
+            last = positions.amax(-1)  # (b,)
         else:
             self.key_valid[:, start:start + steps] = valid.repeat_interleave(group, dim=0)
             last = torch.where(valid, positions, -1).amax(-1)  # (b,) last real position, -1 if none
-            self.next_position.copy_(torch.maximum(self.next_position, (last + 1).repeat_interleave(group)))
             self.has_padding = self.has_padding or not bool(valid.all())
+        self.next_position.copy_(torch.maximum(self.next_position, (last + 1).repeat_interleave(group)))
         self.length = start + steps
         return start, positions
 

@@ -20,7 +20,7 @@ from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, samp
 from ember.engine.steps import append_step
 from ember.engine.timers import StageTimer
 from ember.errors import AdapterError, GenerationError
-from ember.models.lora import LoraAdapter, LoraSlots, check_fits
+from ember.models.lora import LoraAdapter, LoraSlots, attach, check_fits
 from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
 if TYPE_CHECKING:
@@ -147,6 +147,8 @@ class Engine:
         if prefix_cache is True:
             prefix_cache = PrefixCache()
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
+        if max_workspaces < 1:
+            raise GenerationError(f"max_workspaces: expected >= 1, found {max_workspaces}")
         self.max_workspaces = max_workspaces
         self._workspaces: OrderedDict[tuple[int, int], KVCache] = OrderedDict()
         self._graphs: dict[tuple, DecodeGraph] = {}
@@ -159,12 +161,17 @@ class Engine:
     @property
     def versions(self) -> LayerVersions:
         """Per-layer versions of the weights in use: the base fingerprint (recomputed when a base weight
-        changes in place) and the cumulative content of the active adapter's layers."""
+        changes in place, or after `weights_changed`) and the cumulative content of the active adapter's layers."""
         state = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         if self._fingerprint is None or self._fingerprint[0] != state:
             self._fingerprint = (state, model_fingerprint(self.model))
         digests = self._adapters[self.active_adapter].digests if self.active_adapter is not None else None
         return layer_versions(self._fingerprint[1], self.model.config.num_layers, digests)
+
+    def weights_changed(self) -> None:
+        """Recompute the base fingerprint at the next call. In-place updates of parameters are noticed on their
+        own; call this after writing through `.data` (which torch does not count as a change)."""
+        self._fingerprint = None
 
     # ---- adapters -------------------------------------------------------------------------------------
     @property
@@ -179,7 +186,8 @@ class Engine:
         adapter = source if isinstance(source, LoraAdapter) else LoraAdapter.load(Path(source))
         check_fits(adapter, self.model)
         adapter = adapter.to(self.device, self.dtype)
-        name = name if name is not None else f"adapter-{len(self._adapters)}"
+        if name is None:
+            name = next(f"adapter-{k}" for k in range(len(self._adapters) + 1) if f"adapter-{k}" not in self._adapters)
         self._adapters[name] = _Resident(adapter, adapter.layer_digests())
         if self._slots is None or not self._slots.fits(adapter):
             self._build_slots()
@@ -207,10 +215,13 @@ class Engine:
             raise AdapterError(f"remove_adapter: expected one of {self.adapters}, found {name!r}")
 
     def _bind_slots(self) -> None:
-        """Point the model at this engine's slots before it runs (another engine over the same model may have
-        bound its own)."""
+        """Point the model at this engine's adapter before it runs, or clear every slot when none is active:
+        another engine over the same model, or an `attach` for training, may have left its own there. The
+        engine's `versions` then always describe the weights it runs."""
         if self._slots is not None:
             self._slots.bind(self.active_adapter is not None)
+        else:
+            attach(self.model, None)
 
     def _build_slots(self) -> None:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""

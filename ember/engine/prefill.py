@@ -21,6 +21,7 @@ import torch
 from ember.engine.cache import KVCache
 from ember.engine.prefix_cache import PrefixCache, PrefixMatch
 from ember.engine.steps import append_step
+from ember.errors import GenerationError
 from ember.models.versions import LayerVersions
 
 NewCache = Callable[[int, int], KVCache]  # (batch, capacity) -> an empty cache
@@ -56,6 +57,9 @@ def _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions,
             ids[index, width - len(suffix):] = torch.tensor(suffix)
             valid[index, width - len(suffix):] = True
         boundary = prefix_cache.boundary_layers if prefix_cache is not None else ()
+        if boundary and not 0 <= boundary[0] <= boundary[-1] <= model.config.num_layers:
+            raise GenerationError(f"PrefixCache.boundary_layers: expected layers in [0, {model.config.num_layers}] "
+                                  f"for this model, found {boundary}")
         step = append_step(cache, len(prompts), width, valid.to(device), logits="last", capture=boundary)
         out = model.run(step, input_ids=ids.to(device))
         if prefix_cache is not None:

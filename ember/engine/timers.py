@@ -11,31 +11,47 @@ STAGES = ("prefill", "decode", "sampling", "transfer")
 
 
 class StageTimer:
-    """Accumulates wall time per named stage. Read `totals()` once, after the work (it syncs CUDA once)."""
+    """Accumulates wall time per named stage. Read `totals()` once, after the work (it syncs CUDA once).
+
+    Stages may nest (e.g. a graph capture inside a prefill); a stage's time excludes its nested stages', so
+    every second is counted once.
+    """
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
-        self._seconds: dict[str, float] = {}
-        self._events: list[tuple[str, object, object]] = []
+        self._spans: list[list] = []  # [name, parent index or None, seconds or (start event, end event)]
+        self._open: list[int] = []
 
     @contextmanager
     def stage(self, name: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((name, start, end))
-        else:
-            began = time.perf_counter()
-            yield
-            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - began
+        self._spans.append([name, self._open[-1] if self._open else None, None])
+        index = len(self._spans) - 1
+        self._open.append(index)
+        try:
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self._spans[index][2] = (start, end)
+            else:
+                began = time.perf_counter()
+                yield
+                self._spans[index][2] = time.perf_counter() - began
+        finally:
+            self._open.pop()
 
     def totals(self) -> dict[str, float]:
-        """Seconds per stage, every stage in STAGES present (0 if unused)."""
-        if self._events:
+        """Seconds per stage (nested stages excluded), every stage in STAGES present (0 if unused)."""
+        if self.cuda and self._spans:
             torch.cuda.synchronize()
-            for name, start, end in self._events:
-                self._seconds[name] = self._seconds.get(name, 0.0) + start.elapsed_time(end) / 1000.0
-            self._events.clear()
-        return {name: self._seconds.get(name, 0.0) for name in dict.fromkeys(STAGES + tuple(self._seconds))}
+        elapsed = [span[2] if not isinstance(span[2], tuple) else span[2][0].elapsed_time(span[2][1]) / 1000.0
+                   for span in self._spans]
+        exclusive = list(elapsed)
+        for (_, parent, _), seconds in zip(self._spans, elapsed):
+            if parent is not None:
+                exclusive[parent] -= seconds
+        seconds = {}
+        for (name, _, _), value in zip(self._spans, exclusive):
+            seconds[name] = seconds.get(name, 0.0) + value
+        return {name: seconds.get(name, 0.0) for name in dict.fromkeys(STAGES + tuple(seconds))}

@@ -40,6 +40,13 @@ _MUST_BE = {"peft_type": ("LORA",), "use_dora": (False, None), "bias": ("none",)
             "modules_to_save": (None, []), "layer_replication": (None, []), "lora_bias": (False, None),
             "target_parameters": (None, []), "trainable_token_indices": (None, {}, []),
             "exclude_modules": (None, [], "")}
+# fields ember reads, or that only describe initialization, provenance or training (harmless to the forward);
+# any other field with a set value changes what the adapter computes and is refused
+_KNOWN = {"r", "lora_alpha", "target_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+          "alpha_pattern", "use_rslora", "task_type", "peft_version", "base_model_name_or_path", "revision",
+          "auto_mapping", "inference_mode", "init_lora_weights", "lora_dropout", "loftq_config", "eva_config",
+          "corda_config", "megatron_config", "megatron_core", "qalora_group_size", "use_qalora",
+          "ensure_weight_tying"} | set(_MUST_BE)
 
 
 class LoraLinear(nn.Linear):
@@ -56,6 +63,7 @@ class LoraLinear(nn.Linear):
         self.lora_a: torch.Tensor | None = None  # (r, in); plain attributes: never part of the state_dict
         self.lora_b: torch.Tensor | None = None  # (out, r)
         self.lora_scale = 1.0
+        self.lora_in_slot = False  # True when bound to LoraSlots buffers (the fused kernel's layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out)
@@ -72,9 +80,9 @@ class LoraLinear(nn.Linear):
         return flat.view(y.shape)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        return (self.fused and x.is_cuda and self.lora_scale == 1.0 and not torch.is_grad_enabled()
+        return (self.fused and self.lora_in_slot and x.is_cuda and not torch.is_grad_enabled()
                 and x.numel() // x.shape[-1] <= lora_kernel.MAX_ROWS and lora_kernel.triton is not None
-                and self.in_features <= lora_kernel.MAX_IN_FEATURES
+                and self.in_features <= lora_kernel.MAX_IN_FEATURES and x.dtype == self.lora_a.dtype
                 and self.lora_a.shape[0] == lora_kernel.padded_rank(self.lora_a.shape[0]))
 
 
@@ -260,6 +268,7 @@ def attach(model, adapter: LoraAdapter | None) -> None:
         pair = adapter.weights.get(name) if adapter is not None else None
         module.lora_a, module.lora_b = pair if pair is not None else (None, None)
         module.lora_scale = adapter.scales[name] if pair is not None else 1.0
+        module.lora_in_slot = False
 
 
 class LoraSlots:
@@ -277,6 +286,7 @@ class LoraSlots:
         self.layout = dict(sorted(layout.items()))
         modules = lora_modules(model)
         self.modules = [modules[name] for name in self.layout]
+        self.all_modules = list(modules.values())
         self.buffers = []
         for module, rank in zip(self.modules, self.layout.values()):
             a = torch.zeros(rank, module.in_features, dtype=weight.dtype, device=weight.device)  # (r, in)
@@ -320,11 +330,15 @@ class LoraSlots:
         self.bind(packed is not None)
 
     def bind(self, active: bool) -> None:
-        """Point the model's projections at these slots (or clear them): engines sharing one model each own
-        their slots, so each binds its own before it runs."""
-        for i, module in enumerate(self.modules):
-            module.lora_a, module.lora_b = self.buffers[2 * i:2 * i + 2] if active else (None, None)
-            module.lora_scale = 1.0
+        """Point the model's projections at these slots (active) or clear them. Projections outside the
+        layout are cleared too: whoever binds owns every slot of the model until the next bind or `attach`."""
+        for module in self.all_modules:
+            module.lora_a = module.lora_b = None
+            module.lora_scale, module.lora_in_slot = 1.0, False
+        if active:
+            for i, module in enumerate(self.modules):
+                module.lora_a, module.lora_b = self.buffers[2 * i:2 * i + 2]
+                module.lora_in_slot = True
 
 
 def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -345,6 +359,12 @@ def _exact(name: str) -> str:
 
 
 def _check_config(config: dict, where: Path) -> None:
+    for name in sorted(set(config) - _KNOWN):
+        if config[name] not in (None, False, 0, "", [], {}):
+            raise AdapterError(f"adapter {where}: {name} = {config[name]!r} is not supported by ember (a LoRA "
+                               f"variant it would compute as plain LoRA)")
+    if config.get("use_qalora"):
+        raise AdapterError(f"adapter {where}: use_qalora = True is not supported by ember (expected False)")
     for name, allowed in _MUST_BE.items():
         if name in config and config[name] not in allowed:
             raise AdapterError(f"adapter {where}: {name} = {config[name]!r} is not supported by ember "

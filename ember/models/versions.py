@@ -1,7 +1,7 @@
 """Per-layer versions of K/V: what weights made a layer's keys and values.
 
 Layer i's K/V depend on every weight at or below layer i. A version is therefore cumulative: the base model's
-fingerprint (config, dtype, a sample of every weight) hashed with the adapter content of each adapted layer at
+fingerprint (config, dtype, a content checksum of every weight) hashed with the adapter content of each adapted layer at
 or below i. Layers below the first adapted layer keep the base version, so after a swap to an adapter that
 touches only layers >= N, cached K/V stays valid to depth N. Nobody sets versions by hand.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-_SAMPLES = 64  # values sampled per weight tensor for the fingerprint
+_CHUNK = 1 << 22  # elements reduced at a time for the fingerprint (bounds the fp32 temporary)
 
 
 @dataclass(frozen=True)
@@ -33,17 +33,18 @@ class LayerVersions:
 
 
 def model_fingerprint(model) -> str:
-    """A hash of the config, dtype and an evenly strided sample of every parameter (cheap on any size)."""
+    """A hash of the config, dtype and every weight's content: per row of each parameter its fp32 sum and sum of
+    squares, reduced on the weights' device in chunks (one small transfer), so any change of a value is seen."""
     h = hashlib.sha256(json.dumps(model.config.as_dict(), sort_keys=True).encode())
-    samples = []
+    sums = []
     with torch.no_grad():
         for name, param in model.named_parameters():
             h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-            flat = param.detach().reshape(-1)
-            count = min(_SAMPLES, flat.numel())
-            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-            samples.append(flat[index].float())
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
+            rows = param.detach().reshape(param.shape[0] if param.dim() > 1 else 1, -1)  # (rows, cols)
+            for chunk in torch.split(rows, max(1, _CHUNK // rows.shape[1])):
+                wide = chunk.float()
+                sums.append(torch.stack([wide.sum(-1), (wide * wide).sum(-1)], dim=-1).reshape(-1))  # (2 rows,)
+        h.update(torch.cat(sums).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

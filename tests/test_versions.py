@@ -131,3 +131,18 @@ def test_boundary_layers_beyond_the_model_are_a_clear_error():
         engine.generate(DOCS, sampling=GREEDY)
     with pytest.raises(GenerationError, match="max_workspaces: expected >= 1"):
         Engine(engine.model, engine.tokenizer, max_workspaces=0)
+
+
+def test_a_stale_block_held_by_a_match_is_not_overwritten_under_it():
+    engine = _deep_engine()
+    engine.generate(DOCS[:1], sampling=GREEDY)
+    tokens = engine.tokenizer.encode(DOCS[0])
+    engine.set_adapter(engine.load_adapter(_adapter(engine.model, [1], seed=2)))
+    held = engine.prefix_cache.match(tokens, engine.versions, min_depth=0)  # e.g. a policy reusing layer 0
+    before = engine.prefix_cache.gather(held).clone()
+    engine.generate(DOCS[:1], sampling=GREEDY)
+    assert torch.equal(engine.prefix_cache.gather(held), before) and held.depth == 1
+    assert engine.prefix_cache.stats.insert_skipped > 0
+    engine.prefix_cache.release(held)
+    engine.generate(DOCS[:1], sampling=GREEDY)
+    assert engine.prefix_cache.cached_tokens(tokens, engine.versions) == held.tokens  # replaced once free

@@ -182,7 +182,9 @@ class PrefixCache:
                 entry = self._lookup(key, parent, block, versions.model)
                 if entry is None and (key in self._blocks or (parent is not None and parent not in self._blocks)):
                     break  # a hash collision with another chain: never overwrite it
-                if entry is None or entry.versions != versions.layers:
+                if entry is not None and entry.versions != versions.layers and entry.refs > 0:
+                    self.stats.insert_skipped += 1  # stale but held by a match: left as it is for its holder
+                elif entry is None or entry.versions != versions.layers:
                     start = index * self.block_size
                     if span is None:
                         span_start = start

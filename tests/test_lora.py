@@ -231,6 +231,7 @@ def _write_adapter(tmp_path, change=None, drop=None):
     ({"rank_pattern": {"q_proj": 3}}, "rank: expected 3 from the config, found 2"),
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens = \\[5, 6\\] is not supported"),
     ({"use_qalora": True}, "use_qalora"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights = 'pissa' is not supported .*rewrites the base weights"),
 ])
 def test_unsupported_adapter_configs_name_the_field(tmp_path, change, message):
     _, path = _write_adapter(tmp_path, change)
@@ -309,11 +310,13 @@ def test_engines_sharing_one_model_each_serve_their_own_weights():
             reference.set_adapter(reference.load_adapter(adapter))
         references.append(reference.generate(PROMPTS, sampling=GREEDY))
     tokens = lambda r: [o.completions[0].token_ids for o in r.outputs]  # noqa: E731
+    attach(loaded.model, wide)  # a trainer's attach must not leak into generation either
     for _ in range(2):  # alternate: each call must run its own engine's weights
         for engine, reference in zip(engines, references):
-            attach(loaded.model, wide)  # a trainer's attach must not leak into generation either
             assert tokens(engine.generate(PROMPTS, sampling=GREEDY)) == tokens(reference)
     assert tokens(references[0]) != tokens(references[2]) != tokens(references[1])
+    q = lora_modules(loaded.model)["model.layers.0.self_attn.q_proj"]
+    assert q.lora_a is wide.weights["model.layers.0.self_attn.q_proj"][0]  # the trainer's attach was given back
 
 
 def test_default_adapter_names_never_overwrite_a_resident_one():

@@ -57,7 +57,12 @@ def test_versions_follow_the_weights_in_use():
     engine.model.model.layers[1].self_attn.k_proj.weight.data[3, 1] += 1e-3  # one value, through .data
     assert engine.versions == changed  # torch does not count .data writes...
     engine.weights_changed()
-    assert engine.versions.model != changed.model  # ...and the fingerprint sees any value once asked
+    moved = engine.versions
+    assert moved.model != changed.model  # ...and the fingerprint sees any value once asked
+    row = engine.model.model.layers[0].mlp.up_proj.weight.data[2]
+    row[[0, 1]] = row[[1, 0]].clone()  # two values swapped: the same sums, another model
+    engine.weights_changed()
+    assert engine.versions.model != moved.model
 
 
 def test_blocks_of_an_old_adapter_are_reusable_to_the_first_changed_layer():
@@ -146,3 +151,16 @@ def test_a_stale_block_held_by_a_match_is_not_overwritten_under_it():
     engine.prefix_cache.release(held)
     engine.generate(DOCS[:1], sampling=GREEDY)
     assert engine.prefix_cache.cached_tokens(tokens, engine.versions) == held.tokens  # replaced once free
+
+
+def test_fingerprint_handles_empty_and_scalar_parameters():
+    from ember.models.versions import model_fingerprint
+
+    model = load("tiny-llama").model
+    before = model_fingerprint(model)
+    model.register_parameter("empty", torch.nn.Parameter(torch.zeros(4, 0)))
+    model.register_parameter("scalar", torch.nn.Parameter(torch.tensor(1.0)))
+    after = model_fingerprint(model)
+    with torch.no_grad():
+        model.scalar += 1
+    assert len({before, after, model_fingerprint(model)}) == 3

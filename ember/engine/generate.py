@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, samp
 from ember.engine.steps import append_step
 from ember.engine.timers import StageTimer
 from ember.errors import AdapterError, GenerationError
-from ember.models.lora import LoraAdapter, LoraSlots, attach, check_fits
+from ember.models.lora import LoraAdapter, LoraSlots, attach, check_fits, lora_modules
 from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class Engine:
         self._slots: LoraSlots | None = None
         self.active_adapter: str | None = None
         self._fingerprint: tuple | None = None  # (weights state, fingerprint)
+        self._lora_modules = list(lora_modules(self.model).values())
 
     # ---- versions -------------------------------------------------------------------------------------
     @property
@@ -214,14 +216,21 @@ class Engine:
         if self._adapters.pop(name, None) is None:
             raise AdapterError(f"remove_adapter: expected one of {self.adapters}, found {name!r}")
 
-    def _bind_slots(self) -> None:
-        """Point the model at this engine's adapter before it runs, or clear every slot when none is active:
-        another engine over the same model, or an `attach` for training, may have left its own there. The
-        engine's `versions` then always describe the weights it runs."""
+    @contextmanager
+    def _own_slots(self):
+        """While the engine runs, bind its active adapter (or clear every slot); afterwards give back whatever
+        was bound before (another engine's slots, a trainer's `attach`). The engine's `versions` therefore
+        always describe the weights it runs, and it never disturbs anyone else's binding."""
+        saved = [(m, m.lora_a, m.lora_b, m.lora_scale, m.lora_in_slot) for m in self._lora_modules]
         if self._slots is not None:
             self._slots.bind(self.active_adapter is not None)
         else:
             attach(self.model, None)
+        try:
+            yield
+        finally:
+            for module, a, b, scale, in_slot in saved:
+                module.lora_a, module.lora_b, module.lora_scale, module.lora_in_slot = a, b, scale, in_slot
 
     def _build_slots(self) -> None:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""
@@ -244,9 +253,9 @@ class Engine:
         tokens = self._requests([prompt], 1, None)[0].prompt
         whole_blocks = len(tokens) - len(tokens) % self.prefix_cache.block_size
         versions = self.versions
-        self._bind_slots()
         if pinned and self.prefix_cache.cached_tokens(tokens, versions) < whole_blocks:
-            prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, versions, self.prefix_cache)
+            with self._own_slots():
+                prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, versions, self.prefix_cache)
         return self.prefix_cache.pin(tokens, versions, pinned)
 
     @classmethod
@@ -313,7 +322,6 @@ class Engine:
         `use_prefix_cache` is False. Returns outputs in prompt order with a stage timing breakdown.
         """
         requests = self._requests(prompts, n, sampling)
-        self._bind_slots()
         timer = StageTimer(self.device)
         per_batch = max(1, self.max_batch_size // n)
         batches = [requests[i:i + per_batch] for i in range(0, len(requests), per_batch)]
@@ -323,7 +331,7 @@ class Engine:
         stats_before = self.prefix_cache.stats.as_dict() if self.prefix_cache is not None else {}
         outputs = []
         with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
-                  leave=False) as bar:
+                  leave=False) as bar, self._own_slots():
             for batch in batches:
                 outputs.extend(self._run_batch(batch, n, timer, bar, use_prefix_cache))
         timings = timer.totals()

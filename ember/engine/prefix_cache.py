@@ -31,7 +31,7 @@ class PrefixStats:
     tokens_recomputed: int = 0
     evictions: int = 0
     inserts: int = 0
-    insert_skipped: int = 0  # blocks not stored because nothing could be evicted
+    insert_skipped: int = 0  # blocks not stored: nothing could be evicted, or a stale block was held by a match
     replaced: int = 0  # stale blocks overwritten with K/V of the weights in use
 
     def as_dict(self) -> dict:

@@ -31,13 +31,17 @@ class StageTimer:
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                yield
-                end.record()
-                self._spans[index][2] = (start, end)
+                try:
+                    yield
+                finally:
+                    end.record()
+                    self._spans[index][2] = (start, end)
             else:
                 began = time.perf_counter()
-                yield
-                self._spans[index][2] = time.perf_counter() - began
+                try:
+                    yield
+                finally:
+                    self._spans[index][2] = time.perf_counter() - began
         finally:
             self._open.pop()
 

@@ -42,6 +42,8 @@ _MUST_BE = {"peft_type": ("LORA",), "use_dora": (False, None), "bias": ("none",)
             "exclude_modules": (None, [], "")}
 # fields ember reads, or that only describe initialization, provenance or training (harmless to the forward);
 # any other field with a set value changes what the adapter computes and is refused
+# initializations that leave the base weights alone (others, e.g. pissa / olora / corda / loftq, rewrite them)
+_FORWARD_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 _KNOWN = {"r", "lora_alpha", "target_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
           "alpha_pattern", "use_rslora", "task_type", "peft_version", "base_model_name_or_path", "revision",
           "auto_mapping", "inference_mode", "init_lora_weights", "lora_dropout", "loftq_config", "eva_config",
@@ -363,6 +365,10 @@ def _check_config(config: dict, where: Path) -> None:
         if config[name] not in (None, False, 0, "", [], {}):
             raise AdapterError(f"adapter {where}: {name} = {config[name]!r} is not supported by ember (a LoRA "
                                f"variant it would compute as plain LoRA)")
+    if config.get("init_lora_weights", True) not in _FORWARD_SAFE_INITS:
+        safe = sorted(map(str, _FORWARD_SAFE_INITS))
+        raise AdapterError(f"adapter {where}: init_lora_weights = {config['init_lora_weights']!r} is not supported "
+                           f"by ember (it rewrites the base weights; expected one of {safe})")
     if config.get("use_qalora"):
         raise AdapterError(f"adapter {where}: use_qalora = True is not supported by ember (expected False)")
     for name, allowed in _MUST_BE.items():

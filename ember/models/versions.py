@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-_CHUNK = 1 << 22  # elements reduced at a time for the fingerprint (bounds the fp32 temporary)
+_CHUNK = 1 << 22  # elements reduced at a time for the fingerprint (bounds the int64 temporaries)
+_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as a signed int64: spreads positions over all bits
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,25 @@ class LayerVersions:
 
 
 def model_fingerprint(model) -> str:
-    """A hash of the config, dtype and every weight's content: per row of each parameter its fp32 sum and sum of
-    squares, reduced on the weights' device in chunks (one small transfer), so any change of a value is seen."""
+    """A hash of the config, dtype and every weight's exact content: per parameter, the wrapping int64 sum of its
+    values' bit patterns times odd position-dependent constants, reduced on the weights' device in chunks (one
+    small transfer). Any change of a single value, or a swap of two, changes it."""
     h = hashlib.sha256(json.dumps(model.config.as_dict(), sort_keys=True).encode())
     sums = []
     with torch.no_grad():
         for name, param in model.named_parameters():
             h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-            rows = param.detach().reshape(param.shape[0] if param.dim() > 1 else 1, -1)  # (rows, cols)
-            for chunk in torch.split(rows, max(1, _CHUNK // rows.shape[1])):
-                wide = chunk.float()
-                sums.append(torch.stack([wide.sum(-1), (wide * wide).sum(-1)], dim=-1).reshape(-1))  # (2 rows,)
-        h.update(torch.cat(sums).cpu().numpy().tobytes())
+            if param.numel() == 0:
+                continue
+            bits = param.detach().reshape(-1).view(_INT_OF_SIZE[param.element_size()])  # (n,) raw bit patterns
+            total = torch.zeros((), dtype=torch.int64, device=param.device)
+            for start in range(0, bits.numel(), _CHUNK):
+                chunk = bits[start:start + _CHUNK].long()
+                index = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=param.device)
+                total += (chunk * (index * _GOLDEN | 1)).sum()  # int64 arithmetic wraps: exact, order-free
+            sums.append(total)
+        if sums:
+            h.update(torch.stack(sums).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, samp
 from ember.engine.steps import append_step
 from ember.engine.timers import StageTimer
 from ember.errors import AdapterError, GenerationError
-from ember.models.lora import LoraAdapter, LoraSlots, attach, check_fits, lora_modules
+from ember.models.lora import LoraAdapter, LoraSlots, binding, check_fits, lora_modules, set_binding
 from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
 if TYPE_CHECKING:
@@ -221,16 +221,17 @@ class Engine:
         """While the engine runs, bind its active adapter (or clear every slot); afterwards give back whatever
         was bound before (another engine's slots, a trainer's `attach`). The engine's `versions` therefore
         always describe the weights it runs, and it never disturbs anyone else's binding."""
-        saved = [(m, m.lora_a, m.lora_b, m.lora_scale, m.lora_in_slot) for m in self._lora_modules]
+        saved = [(module, binding(module)) for module in self._lora_modules]
         if self._slots is not None:
             self._slots.bind(self.active_adapter is not None)
         else:
-            attach(self.model, None)
+            for module in self._lora_modules:
+                set_binding(module, None, None, scale=1.0, in_slot=False)
         try:
             yield
         finally:
-            for module, a, b, scale, in_slot in saved:
-                module.lora_a, module.lora_b, module.lora_scale, module.lora_in_slot = a, b, scale, in_slot
+            for module, (a, b, scale, in_slot) in saved:
+                set_binding(module, a, b, scale=scale, in_slot=in_slot)
 
     def _build_slots(self) -> None:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""

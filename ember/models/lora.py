@@ -333,14 +333,23 @@ class LoraSlots:
 
     def bind(self, active: bool) -> None:
         """Point the model's projections at these slots (active) or clear them. Projections outside the
-        layout are cleared too: whoever binds owns every slot of the model until the next bind or `attach`."""
+        layout are cleared too: whoever binds owns every slot of the model until the next bind or `attach`.
+        Only projections whose binding differs are touched (module attribute writes are slow)."""
+        slots = dict(zip(map(id, self.modules), zip(self.buffers[::2], self.buffers[1::2]))) if active else {}
         for module in self.all_modules:
-            module.lora_a = module.lora_b = None
-            module.lora_scale, module.lora_in_slot = 1.0, False
-        if active:
-            for i, module in enumerate(self.modules):
-                module.lora_a, module.lora_b = self.buffers[2 * i:2 * i + 2]
-                module.lora_in_slot = True
+            set_binding(module, *slots.get(id(module), (None, None)), scale=1.0, in_slot=id(module) in slots)
+
+
+def binding(module: LoraLinear) -> tuple:
+    """What a projection's slot holds: (A, B, scale, in_slot)."""
+    return module.lora_a, module.lora_b, module.lora_scale, module.lora_in_slot
+
+
+def set_binding(module: LoraLinear, a, b, scale: float, in_slot: bool) -> None:
+    """Set a projection's slot, writing the module only when something differs."""
+    if module.lora_a is not a or module.lora_b is not b or module.lora_scale != scale \
+            or module.lora_in_slot != in_slot:
+        module.lora_a, module.lora_b, module.lora_scale, module.lora_in_slot = a, b, scale, in_slot
 
 
 def _scale(alpha: float, rank: int, use_rslora: bool) -> float:

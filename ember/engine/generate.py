@@ -157,6 +157,7 @@ class Engine:
         self._slots: LoraSlots | None = None
         self.active_adapter: str | None = None
         self._fingerprint: tuple | None = None  # (weights state, fingerprint)
+        self._versions: tuple | None = None  # (fingerprint, active resident adapter, LayerVersions)
         self._lora_modules = list(lora_modules(self.model).values())
 
     # ---- versions -------------------------------------------------------------------------------------
@@ -167,8 +168,12 @@ class Engine:
         state = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         if self._fingerprint is None or self._fingerprint[0] != state:
             self._fingerprint = (state, model_fingerprint(self.model))
-        digests = self._adapters[self.active_adapter].digests if self.active_adapter is not None else None
-        return layer_versions(self._fingerprint[1], self.model.config.num_layers, digests)
+        resident = self._adapters[self.active_adapter] if self.active_adapter is not None else None
+        if self._versions is None or self._versions[0] != self._fingerprint[1] or self._versions[1] is not resident:
+            digests = resident.digests if resident is not None else None
+            self._versions = (self._fingerprint[1], resident,
+                              layer_versions(self._fingerprint[1], self.model.config.num_layers, digests))
+        return self._versions[2]  # one object while nothing changes: cached blocks compare by identity first
 
     def weights_changed(self) -> None:
         """Recompute the base fingerprint at the next call. In-place updates of parameters are noticed on their

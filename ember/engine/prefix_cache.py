@@ -111,7 +111,7 @@ class PrefixCache:
         entries = []
         for key, parent, block in self._chain(tokens, versions.model):
             entry = self._lookup(key, parent, block, versions.model)
-            if entry is None or versions.reusable_depth(entry.versions) < need:
+            if entry is None or (entry.versions != versions.layers and versions.reusable_depth(entry.versions) < need):
                 break
             entries.append(entry)
         return entries
@@ -143,7 +143,8 @@ class PrefixCache:
             self.stats.misses += 1
         self.stats.tokens_reused += matched
         self.stats.tokens_recomputed += len(tokens) - matched
-        depth = min((versions.reusable_depth(b.versions) for b in blocks), default=len(versions.layers))
+        stale = [b for b in blocks if b.versions != versions.layers]  # tuple equality first: the common case
+        depth = min((versions.reusable_depth(b.versions) for b in stale), default=len(versions.layers))
         return PrefixMatch(matched, blocks, depth)
 
     def release(self, match: PrefixMatch) -> None:

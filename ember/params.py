@@ -84,8 +84,14 @@ def resolve(target: str, profile: str = "smoke", overrides=None, params_dir: Pat
     raw = read_params_file(target, params_dir)
     if profile not in PROFILES or profile not in raw["profiles"]:
         raise ParamsError(f"profile: expected one of {sorted(raw['profiles'])}, found {profile!r}")
-    merged = {**(raw.get("base") or {}), **(raw["profiles"][profile] or {}), **parse_overrides(overrides)}
-    return {"target": target, "profile": profile, **merged}
+    overrides = parse_overrides(overrides)
+    fixed = sorted({"target", "profile"} & set(overrides))
+    if fixed:
+        found = ", ".join(f"{k}={overrides[k]!r}" for k in fixed)
+        raise ParamsError(f"override: {', '.join(fixed)} cannot be set (found {found}); choose the target and "
+                          f"--profile on the command line")
+    merged = {**(raw.get("base") or {}), **(raw["profiles"][profile] or {}), **overrides}
+    return {**merged, "target": target, "profile": profile}
 
 
 def build(cls, values: dict):

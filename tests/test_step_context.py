@@ -9,6 +9,7 @@ import torch
 
 from ember.engine import KVCache
 from ember.engine.steps import append_step
+from ember.errors import StepError
 from ember.models import load, rerotate
 from ember.models.loader import random_model
 from ember.models.presets import preset_config
@@ -66,9 +67,9 @@ def test_layer_ranges_compose_exactly():
             assert (high.logits - full.logits).abs().max().item() < 1e-6
         middle = model.run(Step(positions=positions, layers=(2, 4)), hidden=full.boundary[2])
         assert (middle.hidden - full.boundary[4]).abs().max().item() < 1e-6
-    with pytest.raises(ValueError, match="need hidden states"):
+    with pytest.raises(StepError, match="need hidden states"):
         model.run(Step(positions=positions, layers=(3, 6)), input_ids=ids)
-    with pytest.raises(ValueError, match="expected 0 <= a < b <= 6"):
+    with pytest.raises(StepError, match="expected 0 <= a < b <= 6"):
         model.run(Step(positions=positions, layers=(4, 9)), input_ids=ids)
 
 

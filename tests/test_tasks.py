@@ -2,6 +2,7 @@
 
 import pytest
 
+from ember.errors import TaskError
 from ember.tasks.metrics import accuracy, wilson_interval
 from ember.tasks.recall import extract_code, make_recall, recall_items, score
 
@@ -20,7 +21,7 @@ def test_key_position_and_context_length():
     assert first.fact_index == 0 and last.fact_index == 7
     long = make_recall(5, seed=1, context_tokens=300, count_tokens=lambda text: len(text.split()))
     assert len(long.context.split()) >= 300 and long.context.count("The code for") == 5
-    with pytest.raises(ValueError, match="facts"):
+    with pytest.raises(TaskError, match="facts"):
         make_recall(0, seed=1)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ember.engine import Engine, SamplingParams
+from ember.errors import ModelLoadError
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.models import LoraAdapter, load
 from ember.report import atomic_write, run_manifest
@@ -38,7 +39,7 @@ def hf_twin(loaded, device, dtype):
     missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
     tied_ok = set(missing) <= {"lm_head.weight"} and loaded.config.tie_word_embeddings
     if unexpected or (missing and not tied_ok):
-        raise RuntimeError(f"HF twin weights: missing {missing}, unexpected {unexpected}")
+        raise ModelLoadError(f"HF twin weights: missing {missing}, unexpected {unexpected}")
     if loaded.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

@@ -22,7 +22,14 @@ from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, samp
 from ember.engine.steps import append_step
 from ember.engine.timers import StageTimer
 from ember.errors import AdapterError, GenerationError
-from ember.models.lora import LoraAdapter, LoraSlots, binding, check_fits, lora_modules, set_binding
+from ember.models.lora import (
+    LoraAdapter,
+    LoraSlots,
+    binding,
+    check_fits,
+    lora_modules,
+    set_binding,
+)
 from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
 if TYPE_CHECKING:

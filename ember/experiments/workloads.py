@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ember.errors import TaskError
+
 
 def random_prompts(vocab_size: int, count: int, length: int, seed: int, reserved: int = 4) -> list[list[int]]:
     """`count` prompts of exactly `length` token ids drawn from [reserved, vocab) (skipping special ids)."""
@@ -23,7 +25,7 @@ def shared_prefix_documents(vocab_size: int, count: int, prompt_len: int, prefix
                             reserved: int = 4) -> list[list[int]]:
     """`count` prompts of `prompt_len` tokens that share their first `prefix_len` tokens and differ after."""
     if not 0 <= prefix_len < prompt_len:
-        raise ValueError(f"prefix_len: expected 0 <= prefix_len < prompt_len ({prompt_len}), found {prefix_len}")
+        raise TaskError(f"prefix_len: expected 0 <= prefix_len < prompt_len ({prompt_len}), found {prefix_len}")
     generator = torch.Generator().manual_seed(seed)
     prefix = torch.randint(reserved, vocab_size, (prefix_len,), generator=generator)
     suffixes = torch.randint(reserved, vocab_size, (count, prompt_len - prefix_len), generator=generator)

@@ -5,7 +5,13 @@ Nothing here imports `ember.engine`: the engine builds steps, the decoder consum
 
 from ember.models.config import ModelConfig
 from ember.models.decoder import DecoderLM
-from ember.models.loader import LoadedModel, load, random_model, resolve_dtype, save_pretrained
+from ember.models.loader import (
+           LoadedModel,
+           load,
+           random_model,
+           resolve_dtype,
+           save_pretrained,
+)
 from ember.models.lora import LoraAdapter, attach
 from ember.models.presets import PRESETS, TINY_PRESETS
 from ember.models.rotary import rerotate

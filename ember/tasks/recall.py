@@ -8,6 +8,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ember.errors import TaskError
+
 NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj",
          "Olivia", "Peggy", "Rupert", "Sybil", "Trent", "Uma", "Victor", "Walter", "Xena", "Yusuf", "Zoe", "Quinn",
          "Ruth", "Sam", "Tina", "Ursula", "Vince", "Wendy")
@@ -46,7 +48,7 @@ def make_recall(facts: int, seed: int, key_position: float | None = None, contex
     with `context_tokens` and a `count_tokens(text)` function, distractors are added until the context has
     at least that many tokens."""
     if not 1 <= facts <= len(NAMES):
-        raise ValueError(f"facts: expected 1..{len(NAMES)}, found {facts}")
+        raise TaskError(f"facts: expected 1..{len(NAMES)}, found {facts}")
     rng = random.Random(seed)
     names = rng.sample(NAMES, facts)
     codes = [f"{rng.randrange(1000, 10000)}" for _ in names]

@@ -139,17 +139,21 @@ def git_state() -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        return {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != "",
-                "source": "git"}
+        return {**_checkout_state(), "source": "git"}
     except (OSError, subprocess.SubprocessError):
         return {"sha": "unknown", "dirty": None, "source": None}
+
+
+def _checkout_state() -> dict:
+    """HEAD and whether tracked files differ from it (raises where there is no git checkout)."""
+    return {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != ""}
 
 
 def stamp_tree() -> dict:
     """Write the checkout's git SHA, dirty flag and a hash of its tracked files into .ember-sha (atomically),
     for runs made on a copy of the tree. Returns the git state."""
     try:
-        state = {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != ""}
+        state = _checkout_state()
         files = _git("ls-files").splitlines()
     except (OSError, subprocess.SubprocessError) as error:
         raise ReportError(f"stamp: expected a git checkout at {REPO_ROOT}, found none ({error})") from error

@@ -38,6 +38,20 @@ def _fake_model(tmp_path, monkeypatch, parts: list[bytes], members=None, size=No
     return spec
 
 
+def _tiny_gguf(tmp_path):
+    """A minimal valid GGUF file (one tensor) for pipeline tests that stub the conversion."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _leftovers(tmp_path):
     models = tmp_path / "cache" / "models"
     return sorted(p.name for p in models.iterdir()) if models.exists() else []
@@ -78,16 +92,7 @@ def test_no_registry_gives_the_fix(tmp_path, monkeypatch):
 
 
 def test_full_disk_leaves_no_half_written_model(tmp_path, monkeypatch):
-    from gguf import GGUFWriter
-
-    path = tmp_path / "tiny.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    _fake_model(tmp_path, monkeypatch, [path.read_bytes()])
+    _fake_model(tmp_path, monkeypatch, [_tiny_gguf(tmp_path).read_bytes()])
 
     def full_disk(gguf_path, out):
         (out / "model.safetensors").write_bytes(b"partial")
@@ -101,16 +106,7 @@ def test_full_disk_leaves_no_half_written_model(tmp_path, monkeypatch):
 
 def test_converted_files_are_readable_by_everyone(tmp_path, monkeypatch):
     """Hardening #17: converted weights were left mode 0600 in a shared cache."""
-    from gguf import GGUFWriter
-
-    path = tmp_path / "tiny.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    _fake_model(tmp_path, monkeypatch, [path.read_bytes()])
+    _fake_model(tmp_path, monkeypatch, [_tiny_gguf(tmp_path).read_bytes()])
 
     def private_convert(gguf_path, out):
         (out / "model.safetensors").write_bytes(b"weights")

@@ -27,6 +27,7 @@ from ember.models.lora import (
     LoraSlots,
     binding,
     check_fits,
+    clear_bindings,
     lora_modules,
     set_binding,
 )
@@ -238,8 +239,7 @@ class Engine:
         if self._slots is not None:
             self._slots.bind(self.active_adapter is not None)
         else:
-            for module in self._lora_modules:
-                set_binding(module, None, None, scale=1.0, in_slot=False)
+            clear_bindings(self._lora_modules)
         try:
             yield
         finally:

@@ -268,9 +268,14 @@ def attach(model, adapter: LoraAdapter | None) -> None:
         check_fits(adapter, model)
     for name, module in lora_modules(model).items():
         pair = adapter.weights.get(name) if adapter is not None else None
-        module.lora_a, module.lora_b = pair if pair is not None else (None, None)
-        module.lora_scale = adapter.scales[name] if pair is not None else 1.0
-        module.lora_in_slot = False
+        a, b = pair if pair is not None else (None, None)
+        set_binding(module, a, b, scale=adapter.scales[name] if pair is not None else 1.0, in_slot=False)
+
+
+def clear_bindings(modules) -> None:
+    """Empty the slots of these projections (the base model)."""
+    for module in modules:
+        set_binding(module, None, None, scale=1.0, in_slot=False)
 
 
 class LoraSlots:

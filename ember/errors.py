@@ -43,3 +43,11 @@ class ReportError(EmberError):
 
 class KVWireError(EmberError):
     """A KV quantization request or a KVWire blob is invalid (the message names the field)."""
+
+
+class PolicyError(EmberError):
+    """A cache policy's parameters, or an update it cannot honour (the message says what was expected)."""
+
+
+class TrainError(EmberError):
+    """A trainer got examples, an adapter or a checkpoint it cannot use."""

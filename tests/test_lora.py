@@ -326,3 +326,16 @@ def test_default_adapter_names_never_overwrite_a_resident_one():
     engine.remove_adapter(made[0])
     third = engine.load_adapter(LoraAdapter.create(loaded.model, r=2, alpha=2, seed=3))
     assert made == ["adapter-0", "adapter-1"] and third == "adapter-0" and sorted(engine.adapters) == made
+
+
+def test_a_resident_adapter_is_a_copy_of_its_source():
+    """Regression: on the same device and dtype the engine's resident adapter aliased the source tensors, so a
+    trainer's optimizer step silently changed what the engine believed it held (and its low-rank deltas)."""
+    loaded = load("tiny-llama")
+    engine = Engine(loaded.model, loaded.tokenizer)
+    adapter = LoraAdapter.create(loaded.model, r=2, alpha=4)
+    name = engine.load_adapter(adapter)
+    with torch.no_grad():
+        for _, b in adapter.weights.values():
+            b.add_(1.0)
+    assert all(not torch.equal(engine.adapter(name).weights[n][1], b) for n, (_, b) in adapter.weights.items())

@@ -25,11 +25,10 @@ from ember.errors import AdapterError, GenerationError
 from ember.models.lora import (
     LoraAdapter,
     LoraSlots,
-    binding,
     check_fits,
     clear_bindings,
+    kept_bindings,
     lora_modules,
-    set_binding,
 )
 from ember.models.versions import LayerVersions, layer_versions, model_fingerprint
 
@@ -195,6 +194,12 @@ class Engine:
         """Names of the resident adapters."""
         return list(self._adapters)
 
+    def adapter(self, name: str) -> LoraAdapter:
+        """The resident adapter `name` as held on the engine's device (not a copy: do not modify it)."""
+        if name not in self._adapters:
+            raise AdapterError(f"adapter: expected one of the resident adapters {self.adapters}, found {name!r}")
+        return self._adapters[name].adapter
+
     def load_adapter(self, source, name: str | None = None) -> str:
         """Make an adapter resident under `name` (default adapter-<k>): a PEFT directory or a LoraAdapter
         (copied: later changes to its tensors need another `load_adapter`). Reloading the active adapter's
@@ -235,16 +240,12 @@ class Engine:
         """While the engine runs, bind its active adapter (or clear every slot); afterwards give back whatever
         was bound before (another engine's slots, a trainer's `attach`). The engine's `versions` therefore
         always describe the weights it runs, and it never disturbs anyone else's binding."""
-        saved = [(module, binding(module)) for module in self._lora_modules]
-        if self._slots is not None:
-            self._slots.bind(self.active_adapter is not None)
-        else:
-            clear_bindings(self._lora_modules)
-        try:
+        with kept_bindings(self._lora_modules):
+            if self._slots is not None:
+                self._slots.bind(self.active_adapter is not None)
+            else:
+                clear_bindings(self._lora_modules)
             yield
-        finally:
-            for module, (a, b, scale, in_slot) in saved:
-                set_binding(module, a, b, scale=scale, in_slot=in_slot)
 
     def _build_slots(self) -> None:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""
@@ -271,6 +272,18 @@ class Engine:
             with self._own_slots():
                 prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, versions, self.prefix_cache)
         return self.prefix_cache.pin(tokens, versions, pinned)
+
+    @torch.inference_mode()
+    def prefill_kv(self, prompt, use_prefix_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V (L, 2, H, T, D) and next-token logits (V,) that generation would start from for one prompt
+        (text or token ids): reused cached blocks plus the computed rest, or (use_prefix_cache False) a fresh
+        prefill. Goes through the prefix cache as generation does (blocks it lacks are inserted)."""
+        tokens = self._requests([prompt], 1, None)[0].prompt
+        cache_in = self.prefix_cache if use_prefix_cache else None
+        with self._own_slots():
+            cache, logits = prefill(self.model, [tokens], 1, 0, self._pad_id, self._fresh_cache, self.versions,
+                                    cache_in)
+        return cache.read(0, torch.arange(len(tokens))), logits[0]
 
     @classmethod
     def load(cls, spec: str, dtype="float32", device="cpu", seed: int = 0, **kwargs) -> "Engine":

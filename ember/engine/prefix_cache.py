@@ -255,6 +255,41 @@ class PrefixCache:
             entry.pinned = pinned
         return len(entries)
 
+    def paths(self, model: str) -> list[list[_Block]]:
+        """Every root-to-leaf chain of `model`'s cached blocks (a block at chain index d holds the K/V of
+        positions [d * block_size, (d + 1) * block_size)); chains sharing a prefix share its blocks."""
+        chains, stack = [], [[b] for b in self._blocks.values() if b.parent is None and b.model == model]
+        while stack:
+            chain = stack.pop()
+            children = sorted(chain[-1].children)
+            if not children:
+                chains.append(chain)
+            stack.extend(chain + [self._blocks[key]] for key in children)
+        return chains
+
+    def blocks(self, model: str) -> list[_Block]:
+        """`model`'s cached blocks, parents before children."""
+        seen, ordered = set(), []
+        for chain in self.paths(model):
+            for block in chain:
+                if block.key not in seen:
+                    seen.add(block.key)
+                    ordered.append(block)
+        return ordered
+
+    def accept(self, versions: LayerVersions) -> int:
+        """Label every block of `versions.model` as made under `versions` (a policy reusing stale K/V, or K/V it
+        has recomputed or corrected), so generation reuses them. Returns the number of blocks relabelled."""
+        changed = 0
+        for block in self._blocks.values():
+            if block.model == versions.model and block.versions != versions.layers:
+                if block.refs:
+                    raise GenerationError("prefix cache accept: a block is held by a running match; apply "
+                                          "policies between generation calls")
+                block.versions = versions.layers
+                changed += 1
+        return changed
+
     def invalidate(self, versions: LayerVersions | None = None, prefix: list[int] | None = None) -> int:
         """Drop entries: all (no arguments); those of `versions.model` not fully valid under `versions`; or,
         with `prefix`, the chain under that prefix of `versions.model`. Blocks a running batch holds stay alive

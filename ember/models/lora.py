@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,8 @@ class LoraAdapter:
 
     def to(self, device=None, dtype=None) -> "LoraAdapter":
         """A copy on another device / dtype (tensors detached)."""
-        weights = {n: (a.detach().to(device=device, dtype=dtype), b.detach().to(device=device, dtype=dtype))
-                   for n, (a, b) in self.weights.items()}
+        weights = {n: (a.detach().to(device=device, dtype=dtype, copy=True),
+                       b.detach().to(device=device, dtype=dtype, copy=True)) for n, (a, b) in self.weights.items()}
         return LoraAdapter(weights, dict(self.scales), self.r, self.alpha, self.use_rslora, dict(self.meta))
 
     @classmethod
@@ -270,6 +271,17 @@ def attach(model, adapter: LoraAdapter | None) -> None:
         pair = adapter.weights.get(name) if adapter is not None else None
         a, b = pair if pair is not None else (None, None)
         set_binding(module, a, b, scale=adapter.scales[name] if pair is not None else 1.0, in_slot=False)
+
+
+@contextmanager
+def kept_bindings(modules):
+    """Give these projections back the slot bindings they had on entry, whatever is bound inside the block."""
+    saved = [(module, binding(module)) for module in modules]
+    try:
+        yield
+    finally:
+        for module, (a, b, scale, in_slot) in saved:
+            set_binding(module, a, b, scale=scale, in_slot=in_slot)
 
 
 def clear_bindings(modules) -> None:

@@ -1,0 +1,79 @@
+"""The cache-policy interface: what a policy sees at an adapter update and what it may decide.
+
+After each update the policy returns one `Decision` for the cached prefixes made under the weights before it:
+per layer, reuse the cached K/V (valid, or knowingly stale), recompute it (from stored boundary hidden states),
+or correct it (with the low-rank change of the adapter); or drop every cached prefix. The policy runner
+(`ember.policies.runner`) applies the decision to the engine's prefix cache and keeps the policy's stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ember.errors import PolicyError
+from ember.models.lora import LoraAdapter
+from ember.models.versions import LayerVersions
+
+REUSE, RECOMPUTE, CORRECT = "reuse", "recompute", "correct"
+
+
+@dataclass(frozen=True)
+class Update:
+    """One adapter update: its 1-based index, the per-layer versions and adapters before and after."""
+
+    index: int
+    before: LayerVersions
+    after: LayerVersions
+    old_adapter: LoraAdapter | None
+    new_adapter: LoraAdapter | None
+
+    @property
+    def valid_depth(self) -> int:
+        """Leading layers whose K/V the update left valid (the first layer whose version changed)."""
+        return self.after.reusable_depth(self.before.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.after.layers)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with every cached prefix: one action per layer, or `drop` (recomputed when next asked for)."""
+
+    layers: tuple[str, ...] = ()
+    drop: bool = False
+
+    @classmethod
+    def flush(cls) -> "Decision":
+        return cls(drop=True)
+
+    @classmethod
+    def keep(cls, update: Update) -> "Decision":
+        """Reuse every layer as it is (valid layers and stale ones alike)."""
+        return cls((REUSE,) * update.num_layers)
+
+
+class CachePolicy:
+    """Base class. `caches`: whether generation uses a prefix cache at all; `boundary_layers`: the layers whose
+    input hidden states the prefix cache must store for this policy's recomputes or corrections."""
+
+    caches = True
+    exact = True  # whether reused K/V always equals a fresh recompute
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def boundary_layers(self, num_layers: int) -> tuple[int, ...]:
+        return ()
+
+    def decide(self, update: Update) -> Decision:
+        raise NotImplementedError
+
+
+def check_period(k: int, policy: str) -> int:
+    """A refresh period: an integer >= 1."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise PolicyError(f"{policy}: refresh period k: expected an integer >= 1, found {k!r}")
+    return k

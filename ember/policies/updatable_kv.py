@@ -1,0 +1,29 @@
+"""UpdatableKV(k): cached K and V of every layer whose k or v projection changed are corrected with the low-rank
+change of the adapter applied to the layer's stored input hidden states (keys rotated at their positions);
+other layers are reused as they are; every k-th update flushes everything. Exact at the first changed layer
+only: deeper layers' stored inputs are stale, and their error is measured, not assumed."""
+
+from __future__ import annotations
+
+from ember.engine.refresh import changed_kv_layers
+from ember.policies.base import CORRECT, REUSE, CachePolicy, Decision, Update, check_period
+
+
+class UpdatableKV(CachePolicy):
+    exact = False
+
+    def __init__(self, k: int):
+        self.k = check_period(k, "UpdatableKV")
+
+    @property
+    def name(self) -> str:
+        return f"UpdatableKV(k={self.k})"
+
+    def boundary_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers))
+
+    def decide(self, update: Update) -> Decision:
+        if update.index % self.k == 0:
+            return Decision.flush()
+        changed = set(changed_kv_layers(update.old_adapter, update.new_adapter, update.num_layers))
+        return Decision(tuple(CORRECT if layer in changed else REUSE for layer in range(update.num_layers)))

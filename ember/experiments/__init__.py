@@ -9,6 +9,8 @@ from ember.errors import ParamsError
 EXPERIMENTS = {
     "prefill_share": "ember.experiments.prefill_share",
     "prefix_savings": "ember.experiments.prefix_savings",
+    "stale_kv": "ember.experiments.stale_kv",
+    "update_locality": "ember.experiments.update_locality",
 }
 
 

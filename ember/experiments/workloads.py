@@ -1,10 +1,17 @@
-"""Synthetic token workloads for timing experiments (content does not matter, lengths do)."""
+"""Workloads of the experiments: synthetic token prompts for timing (content does not matter, lengths do) and
+the fixed extraction prompt set of the cache-policy figures."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 import torch
 
 from ember.errors import TaskError
+from ember.tasks.evaluate import render
+from ember.tasks.extraction import make_extraction, verify
+from ember.train.sft import Example
 
 
 def random_prompts(vocab_size: int, count: int, length: int, seed: int, reserved: int = 4) -> list[list[int]]:
@@ -30,3 +37,27 @@ def shared_prefix_documents(vocab_size: int, count: int, prompt_len: int, prefix
     prefix = torch.randint(reserved, vocab_size, (prefix_len,), generator=generator)
     suffixes = torch.randint(reserved, vocab_size, (count, prompt_len - prefix_len), generator=generator)
     return [prefix.tolist() + row for row in suffixes.tolist()]
+
+
+@dataclass(frozen=True)
+class ExtractionSet:
+    """A fixed extraction prompt set revisited every round: chat-rendered prompts (a shared instruction and
+    schema prefix, then a document), their items, SFT examples on the gold JSON, and a verifier scorer."""
+
+    items: tuple
+    prompts: tuple[str, ...]
+    examples: tuple
+
+    def score(self, index: int, text: str) -> float:
+        """Verifier reward in [0, 1] of a completion of prompt `index`."""
+        return verify(self.items[index], text)["reward"]
+
+
+def extraction_set(tokenizer, count: int, seed: int) -> ExtractionSet:
+    """`count` seeded extraction items (seeds seed, seed+1, ...) rendered for `tokenizer`."""
+    if count < 1:
+        raise TaskError(f"extraction set: expected count >= 1, found {count}")
+    items = tuple(make_extraction(seed + i) for i in range(count))
+    prompts = tuple(render(tokenizer, item.messages()) for item in items)
+    examples = tuple(Example.from_text(tokenizer, p, json.dumps(item.answer)) for p, item in zip(prompts, items))
+    return ExtractionSet(items, prompts, examples)

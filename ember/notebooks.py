@@ -73,6 +73,17 @@ def run_headless(target: str, profile: str = "default", overrides: str = "") -> 
     return publish(params, df, provenance, {"experiment_s": time.perf_counter() - began})
 
 
+def lab_command(port: int = 8888, token: str | None = None) -> list[str]:
+    """The JupyterLab server command line `make lab` runs: headless (no browser), bound to localhost, rooted at the
+    repository, allowed for root users (most containers) as for others; it prints its URL with the token. A
+    `token` fixes the token instead of a random one."""
+    import sys
+
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               "--allow-root", f"--ServerApp.root_dir={REPO_ROOT}"]
+    return command + ([f"--IdentityProvider.token={token}"] if token is not None else [])
+
+
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"
 
 

@@ -286,6 +286,11 @@ def test_missing_device_is_an_error_before_any_work(monkeypatch, capsys):
     assert "ember: error: device 'cuda:1': expected CUDA device 1 on this machine, found 0" in capsys.readouterr().err
     assert cli.main(["run", "fig2", "--profile", "smoke", "--set", "repeats=0"]) == 2
     assert "ember: error: Params.repeats: expected a value >= 1, found 0" in capsys.readouterr().err
+    from ember.notebooks import validated_params
+
+    assert validated_params("fig2", "paper", measure=False).device == "cuda"  # --reuse renders a GPU run here
+    with pytest.raises(ParamsError, match="device 'cuda': expected CUDA device 0 on this machine, found 0"):
+        validated_params("fig2", "paper")
 
 
 def test_figure_validates_before_starting_a_kernel(tmp_path, monkeypatch, capsys):

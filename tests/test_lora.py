@@ -261,14 +261,11 @@ def test_bad_adapter_directories_and_shapes(tmp_path):
     assert engine.adapters == []  # nothing half-loaded
 
 
-def test_real_smollm2_with_an_adapter_matches_peft(tmp_path):
+def test_real_smollm2_with_an_adapter_matches_peft(tmp_path, package_model):
     """SmolLM2-135M real weights (fp32 compute) with an adapter of unequal per-module ranks and alpha != r on a
     subset of modules and layers, against transformers + peft on the same directory."""
-    from ember.models import packages
-
     name = "smollm2-135m-instruct"
-    if not packages.is_ready(name):
-        pytest.skip(f"{name} is not in the ember cache; run `make models` to fetch and convert it")
+    directory = package_model(name)
     loaded = load(name, dtype="float32")
     adapter = LoraAdapter.create(loaded.model, r=8, alpha=32, targets=("q_proj", "v_proj", "o_proj", "up_proj"),
                                  layers=list(range(4, 30, 3)), seed=7)
@@ -288,7 +285,7 @@ def test_real_smollm2_with_an_adapter_matches_peft(tmp_path):
     adapted = engine.generate(prompts, sampling=GREEDY).outputs[0].completions[0]
     moved = max(abs(x - y) for x, y in zip(adapted.logprobs, base.logprobs))
     assert adapted.token_ids != base.token_ids or moved > 0.01  # the adapter really changes the model
-    diff = _assert_engine_matches_peft(loaded, engine, _hf_with_peft(packages.model_dir(name), tmp_path / "a"),
+    diff = _assert_engine_matches_peft(loaded, engine, _hf_with_peft(directory, tmp_path / "a"),
                                        prompts)
     assert diff < 1e-4, f"chosen-token logprobs differ from peft by {diff}"
 

@@ -67,6 +67,102 @@ def test_unsupported_configs_are_refused(change, message):
         ModelConfig.from_hf(hf)
 
 
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    hf = json.loads(path.read_text())
+    edit(hf)
+    path.write_text(json.dumps(hf))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda hf: hf.pop("hidden_size"), "config.json: hidden_size: expected a positive integer, found no such field"),
+    (lambda hf: hf.update(num_key_value_heads=0), "num_key_value_heads: expected a positive integer, found 0"),
+    (lambda hf: hf.update(num_attention_heads=0), "num_attention_heads: expected a positive integer, found 0"),
+    (lambda hf: hf.update(vocab_size="32"), "vocab_size: expected a positive integer, found '32'"),
+    (lambda hf: hf.update(rms_norm_eps="tiny"), "rms_norm_eps: expected a positive number, found 'tiny'"),
+    (lambda hf: hf.update(num_hidden_layers=2.0), "num_hidden_layers: expected a positive integer, found 2.0"),
+    (lambda hf: hf.update(tie_word_embeddings="yes"), "tie_word_embeddings: expected true or false, found 'yes'"),
+    (lambda hf: hf.update(eos_token_id="</s>"), "eos_token_id: expected a non-negative integer"),
+    (lambda hf: hf.update(rope_scaling="linear"), "rope_parameters / rope_scaling: expected an object"),
+    (lambda hf: hf.update(num_key_value_heads=3), "config.json: num_heads \\(4\\) must be a multiple"),
+], ids=["missing", "zero-kv-heads", "zero-heads", "str-int", "str-float", "float-int", "str-bool", "str-eos",
+        "str-rope", "indivisible-heads"])
+def test_bad_config_fields_are_named(tmp_path, edit, message):
+    """Hardening #11: a missing field, zero KV heads or a string for a number raised KeyError / ZeroDivisionError /
+    TypeError; each is a ModelLoadError naming config.json and the field."""
+    save_pretrained(load("tiny-llama"), tmp_path / "m")
+    _edit_config(tmp_path / "m", edit)
+    with pytest.raises(ModelLoadError, match=message):
+        load(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_malformed_json_is_a_load_error(tmp_path, name):
+    save_pretrained(load("tiny-llama"), tmp_path / "m")
+    (tmp_path / "m" / name).write_text('{"model_type": "llama",')
+    with pytest.raises(ModelLoadError, match=f"{name}: expected valid JSON, found JSONDecodeError"):
+        load(str(tmp_path / "m"))
+    (tmp_path / "m" / name).write_text('["llama"]')
+    if name == "config.json":
+        with pytest.raises(ModelLoadError, match="config.json: expected a JSON object, found list"):
+            load(str(tmp_path / "m"))
+
+
+def test_config_that_disagrees_with_the_weights_names_the_tensor(tmp_path):
+    """Hardening #11: torch's size-mismatch list becomes one line naming the file, the tensor and both shapes."""
+    save_pretrained(load("tiny-llama"), tmp_path / "m")
+    _edit_config(tmp_path / "m", lambda hf: hf.update(intermediate_size=hf["intermediate_size"] * 2))
+    with pytest.raises(ModelLoadError, match="model.safetensors: tensor model.layers.0.mlp.gate_proj.weight: "
+                                             "expected shape \\(256, 64\\) .*found \\(128, 64\\) \\(5 more"):
+        load(str(tmp_path / "m"))
+
+
+def _shard(directory, names_per_file: dict[str, list[str]]):
+    """Split model.safetensors into the given files and write the index that maps each tensor to its file."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    weight_map = {}
+    for file, names in names_per_file.items():
+        save_file({n: state[n] for n in names}, str(directory / file))
+        weight_map.update({n: file for n in names})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+def test_shards_come_from_the_index_and_extra_files_are_errors(tmp_path):
+    """Hardening #11: a stray extra *.safetensors file silently overrode weights; shards follow the index."""
+    from safetensors.torch import save_file
+
+    loaded = load("tiny-llama")
+    save_pretrained(loaded, tmp_path / "m")
+    names = sorted(loaded.model.state_dict())
+    state = _shard(tmp_path / "m", {"a.safetensors": names[::2], "b.safetensors": names[1::2]})
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(load(str(tmp_path / "m")).model(ids), loaded.model(ids))
+    stray = {names[0]: torch.zeros_like(state[names[0]])}
+    save_file(stray, str(tmp_path / "m" / "zz-stray.safetensors"))
+    with pytest.raises(ModelLoadError, match="index.json: expected the shard files it lists, found missing \\[\\], "
+                                             "unexpected \\['zz-stray.safetensors'\\]"):
+        load(str(tmp_path / "m"))
+    (tmp_path / "m" / "zz-stray.safetensors").unlink()
+    (tmp_path / "m" / "b.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="found missing \\['b.safetensors'\\]"):
+        load(str(tmp_path / "m"))
+    save_file({**{n: state[n] for n in names[1::2]}, names[0]: state[names[0]]}, str(tmp_path / "m" / "b.safetensors"))
+    with pytest.raises(ModelLoadError, match=f"b.safetensors: tensor {names[0]}: expected in one file"):
+        load(str(tmp_path / "m"))
+
+
+def test_several_weight_files_without_an_index_are_an_error(tmp_path):
+    save_pretrained(load("tiny-llama"), tmp_path / "m")
+    (tmp_path / "m" / "model-copy.safetensors").write_bytes((tmp_path / "m" / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match="expected one \\*.safetensors file or model.safetensors.index.json "
+                                             "naming the shards, found \\['model-copy.safetensors', 'model"):
+        load(str(tmp_path / "m"))
+
+
 def test_transformers_v5_rope_parameters_are_read():
     hf = PRESETS["tiny-qwen3"].to_hf()
     del hf["rope_theta"]

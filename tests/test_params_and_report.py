@@ -217,3 +217,108 @@ def test_ember_raises_only_errors_of_its_family():
     from ember.tasks import datasets
 
     assert datasets.DatasetError is DatasetError and issubclass(DatasetError, EmberError)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("context_lens=[-1]", "Params.context_lens: expected a value >= 1, found -1"),
+    ("gen_lens=[]", "Params.gen_lens: expected at least one value, found \\[\\]"),
+    ("repeats=0", "Params.repeats: expected a value >= 1, found 0"),
+    ("warmup=-1", "Params.warmup: expected a value >= 0, found -1"),
+    ("temperature=-0.5", "Params.temperature: expected a value >= 0.0, found -0.5"),
+    ("dtype=int8", "Params.dtype: expected one of \\['float32', 'bfloat16', 'float16'\\], found 'int8'"),
+    ("device=gpu", "Params.device: expected auto, cpu, cuda or cuda:N, found 'gpu'"),
+])
+def test_params_out_of_range_are_errors(override, message):
+    """Hardening #9: `context_lens=[-1]`, `repeats=0` ... ended in raw tracebacks deep in the run."""
+    with pytest.raises(ParamsError, match=message):
+        load_params("fig2", "smoke", override)
+
+
+def test_every_experiment_declares_ranges():
+    """Each experiment's int / float fields (and grids) carry a `param(...)` range, so new ones cannot forget."""
+    import dataclasses
+    import typing
+
+    from ember.experiments import EXPERIMENTS, experiment_module
+
+    for name in EXPERIMENTS:
+        cls = experiment_module(name).Params
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float, tuple[int, ...], tuple[float, ...]):
+                assert "range" in f.metadata, f"{name}.Params.{f.name} declares no range"
+
+
+def test_range_and_validate_hook_on_a_new_params_class():
+    from ember.params import RunParams, param
+
+    @dataclass(frozen=True)
+    class Grid(RunParams):
+        lens: tuple[int, ...] = param((4,), low=1, high=8)
+        mode: str = param("a", choices=("a", "b"))
+
+        def validate(self):
+            super().validate()
+            if self.mode == "b" and len(self.lens) > 1:
+                raise ParamsError("Grid: mode b takes one length")
+
+    assert build(Grid, {"lens": [1, 8]}).lens == (1, 8)
+    with pytest.raises(ParamsError, match="Grid.lens: expected a value <= 8, found 9"):
+        build(Grid, {"lens": [9]})
+    with pytest.raises(ParamsError, match="Grid.mode: expected one of"):
+        build(Grid, {"mode": "c"})
+    with pytest.raises(ParamsError, match="mode b takes one length"):
+        build(Grid, {"mode": "b", "lens": [1, 2]})
+    with pytest.raises(ParamsError, match="Grid.device: expected auto, cpu, cuda or cuda:N"):
+        build(Grid, {"device": "tpu"})
+
+
+def test_missing_device_is_an_error_before_any_work(monkeypatch, capsys):
+    """Hardening #9: `device=cuda` on a CPU machine is an `ember: error:` line before the model loads."""
+    import torch
+
+    from ember import cli
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("ember.models.load", lambda *a, **k: pytest.fail("must not load a model"))
+    assert cli.main(["run", "fig2", "--profile", "smoke", "--set", "device=cuda:1"]) == 2
+    assert "ember: error: device 'cuda:1': expected CUDA device 1 on this machine, found 0" in capsys.readouterr().err
+    assert cli.main(["run", "fig2", "--profile", "smoke", "--set", "repeats=0"]) == 2
+    assert "ember: error: Params.repeats: expected a value >= 1, found 0" in capsys.readouterr().err
+    from ember.notebooks import validated_params
+
+    assert validated_params("fig2", "paper", measure=False).device == "cuda"  # --reuse renders a GPU run here
+    with pytest.raises(ParamsError, match="device 'cuda': expected CUDA device 0 on this machine, found 0"):
+        validated_params("fig2", "paper")
+
+
+def test_figure_validates_before_starting_a_kernel(tmp_path, monkeypatch, capsys):
+    """Hardening #10: `ember figure ... --set repeats=abc` started Jupyter and left a .running notebook."""
+    import papermill
+
+    from ember import cli
+
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("must not start a kernel"))
+    for override in ("repeats=abc", "context_lens=[-1]"):
+        assert cli.main(["figure", "fig2", "--profile", "smoke", "--set", override]) == 2
+        assert "ember: error: Params." in capsys.readouterr().err
+    assert list(tmp_path.rglob("*.ipynb")) == []
+
+
+def test_failed_notebook_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Hardening #10: a run that fails in a cell removes its `.running.ipynb`."""
+    import papermill
+
+    from ember.notebooks import run_notebook
+
+    def failing(source, partial, **kwargs):
+        Path(partial).write_text("{}")
+        raise RuntimeError("cell failed")
+
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(papermill, "execute_notebook", failing)
+    with pytest.raises(RuntimeError, match="cell failed"):
+        run_notebook("fig2", "smoke", progress=False)
+    assert list(tmp_path.rglob("*.ipynb")) == []

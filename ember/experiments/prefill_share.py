@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.workloads import random_prompts, resolve_device
-from ember.params import RunParams
+from ember.params import RunParams, param
 from ember.report import macro_name
 
 STAGES = ("prefill", "decode", "sampling", "other")
@@ -19,12 +19,12 @@ STAGES = ("prefill", "decode", "sampling", "other")
 class Params(RunParams):
     """Grid and workload of fig2. Every cell runs `prompts` prompts x `candidates` candidates."""
 
-    context_lens: tuple[int, ...] = (32, 64)
-    gen_lens: tuple[int, ...] = (8, 16)
-    prompts: int = 1
-    candidates: int = 4
-    temperature: float = 1.0
-    repeats: int = 2
+    context_lens: tuple[int, ...] = param((32, 64), low=1)
+    gen_lens: tuple[int, ...] = param((8, 16), low=1)
+    prompts: int = param(1, low=1)
+    candidates: int = param(4, low=1)
+    temperature: float = param(1.0, low=0.0)
+    repeats: int = param(2, low=1)
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:

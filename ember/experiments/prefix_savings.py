@@ -12,7 +12,7 @@ from ember.engine import Engine, SamplingParams
 from ember.engine.prefix_cache import PrefixCache
 from ember.experiments.workloads import resolve_device, shared_prefix_documents
 from ember.models.flops import prefill_flops
-from ember.params import RunParams
+from ember.params import RunParams, param
 from ember.report import macro_name
 
 
@@ -20,12 +20,12 @@ from ember.report import macro_name
 class Params(RunParams):
     """Grid (prompt length x shared-prefix length) and workload of fig6."""
 
-    prompt_lens: tuple[int, ...] = (64, 128)
-    prefix_lens: tuple[int, ...] = (0, 32, 64, 96)
-    documents: int = 6
-    batch_size: int = 3
-    block_size: int = 16
-    cache_mb: int = 1024
+    prompt_lens: tuple[int, ...] = param((64, 128), low=1)
+    prefix_lens: tuple[int, ...] = param((0, 32, 64, 96), low=0)
+    documents: int = param(6, low=1)
+    batch_size: int = param(3, low=1)
+    block_size: int = param(16, low=1)
+    cache_mb: int = param(1024, low=1)
 
 
 def cells(params: Params) -> list[tuple[int, int]]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.errors import TaskError
+from ember.errors import ParamsError, TaskError
+from ember.params import check_device_name
 from ember.tasks.evaluate import render
 from ember.tasks.extraction import make_extraction, verify
 from ember.train.sft import Example
@@ -22,9 +23,16 @@ def random_prompts(vocab_size: int, count: int, length: int, seed: int, reserved
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else unchanged."""
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; 'cuda' or 'cuda:N' only where that device exists."""
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        found = torch.cuda.device_count()
+        if index >= found:
+            raise ParamsError(f"device {device!r}: expected CUDA device {index} on this machine, found {found} "
+                              f"CUDA device(s); use device=cpu or device=auto")
     return device
 
 

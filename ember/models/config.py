@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ember.errors import UnsupportedModelError
+from ember.errors import ModelLoadError, UnsupportedModelError
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -46,45 +46,54 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Build from a Hugging Face `config.json` dict; refuse what the decoder would compute wrongly."""
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict; refuse what the decoder would compute wrongly. Every error
+        names `source` (the file) and the field: missing, of the wrong type, or out of range."""
+        if not isinstance(hf, dict):
+            raise ModelLoadError(f"{source}: expected a JSON object, found {type(hf).__name__}")
         family = hf.get("model_type")
         if family not in FAMILIES:
-            raise UnsupportedModelError(
-                f"config.json model_type: expected one of {FAMILIES}, found {family!r}"
-            )
+            raise UnsupportedModelError(f"{source}: model_type: expected one of {FAMILIES}, found {family!r}")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"hidden_act: expected 'silu', found {act!r}")
-        if hf.get("mlp_bias", False):
-            raise UnsupportedModelError("mlp_bias=true is not supported by the ember decoder")
+            raise UnsupportedModelError(f"{source}: hidden_act: expected 'silu', found {act!r}")
+        if _read(hf, source, "mlp_bias", bool, False):
+            raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported by the ember decoder")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ModelLoadError(f"{source}: rope_parameters / rope_scaling: expected an object, found {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise UnsupportedModelError(f"rope type: expected 'default', found {rope_type!r}")
-        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        if family == "qwen2" and hf.get("use_sliding_window", False):
-            raise UnsupportedModelError("qwen2 use_sliding_window=true is not supported by the ember decoder")
-        heads = hf["num_attention_heads"]
-        return cls(
+            raise UnsupportedModelError(f"{source}: rope type: expected 'default', found {rope_type!r}")
+        rope_theta = _read(hf, source, "rope_theta", float, _read(rope, source, "rope_theta", float, 10000.0))
+        if family == "qwen2" and _read(hf, source, "use_sliding_window", bool, False):
+            raise UnsupportedModelError(f"{source}: qwen2 use_sliding_window=true is not supported by the ember "
+                                        "decoder")
+        heads = _read(hf, source, "num_attention_heads", int)
+        hidden = _read(hf, source, "hidden_size", int)
+        values = dict(
             family=family,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_read(hf, source, "vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=_read(hf, source, "intermediate_size", int),
+            num_layers=_read(hf, source, "num_hidden_layers", int),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads", heads),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=True if family == "qwen2" else hf.get("attention_bias", False),
+            num_kv_heads=_read(hf, source, "num_key_value_heads", int, heads),
+            head_dim=_read(hf, source, "head_dim", int, hidden // heads),
+            rms_norm_eps=_read(hf, source, "rms_norm_eps", float, 1e-6),
+            rope_theta=rope_theta,
+            max_position_embeddings=_read(hf, source, "max_position_embeddings", int, 32768),
+            tie_word_embeddings=_read(hf, source, "tie_word_embeddings", bool, False),
+            attention_bias=True if family == "qwen2" else _read(hf, source, "attention_bias", bool, False),
             qk_norm=family == "qwen3",
-            bos_token_id=_first(hf.get("bos_token_id")),
-            eos_token_id=_first(hf.get("eos_token_id")),
-            pad_token_id=_first(hf.get("pad_token_id")),
+            bos_token_id=_token_id(hf, source, "bos_token_id"),
+            eos_token_id=_token_id(hf, source, "eos_token_id"),
+            pad_token_id=_token_id(hf, source, "pad_token_id"),
         )
+        try:
+            return cls(**values)
+        except UnsupportedModelError as error:  # shapes the decoder cannot split into heads
+            raise UnsupportedModelError(f"{source}: {error}") from None
 
     def to_hf(self) -> dict:
         """A `config.json` dict that transformers loads into the matching architecture."""
@@ -116,8 +125,30 @@ class ModelConfig:
         return asdict(self)
 
 
-def _first(value):
-    """HF configs may store several eos ids as a list; the decoder config keeps the first."""
+_REQUIRED = object()
+_KINDS = {int: "a positive integer", float: "a positive number", bool: "true or false"}
+
+
+def _read(hf: dict, source: str, key: str, kind: type, default=_REQUIRED):
+    """`hf[key]` as `kind` (int and float values must be positive), or `default` when absent or null."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelLoadError(f"{source}: {key}: expected {_KINDS[kind]}, found no such field")
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, bool) if kind is bool else (number and value > 0 and (kind is float or type(value) is int))
+    if not ok:
+        raise ModelLoadError(f"{source}: {key}: expected {_KINDS[kind]}, found {value!r}")
+    return float(value) if kind is float else value
+
+
+def _token_id(hf: dict, source: str, key: str) -> int | None:
+    """A special token id; HF configs may store several (eos) as a list, of which the decoder keeps the first."""
+    value = hf.get(key)
     if isinstance(value, list):
-        return value[0] if value else None
+        value = value[0] if value else None
+    if value is not None and (type(value) is not int or value < 0):
+        raise ModelLoadError(f"{source}: {key}: expected a non-negative integer (or a list of them), found "
+                             f"{hf[key]!r}")
     return value

@@ -19,6 +19,7 @@ from ember.report import atomic_directory
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass
@@ -92,41 +93,87 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
 
 
 def load_directory(directory: Path, dtype: torch.dtype, device: torch.device, provenance: dict) -> LoadedModel:
-    """Load config.json and safetensors weights (single file or sharded index) from a directory."""
-    from safetensors.torch import load_file
-
+    """Load config.json and safetensors weights (one file, or the shards `model.safetensors.index.json` names)
+    from a directory. Every inconsistency is a ModelLoadError naming the file and the field or tensor."""
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"model directory {directory}: expected config.json, found none")
-    hf_config = json.loads(config_path.read_text())
-    config = ModelConfig.from_hf(hf_config)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"model directory {directory}: expected *.safetensors weights, found none")
-    state = {}
-    for path in files:
-        try:
-            state.update(load_file(str(path), device=str(device)))
-        except Exception as error:  # safetensors raises its own error types
-            raise ModelLoadError(f"weights file {path}: cannot be read ({error})") from error
+    config = ModelConfig.from_hf(_read_json(config_path), source=str(config_path))
+    state, origin = _read_weights(directory, device)
     state = {k: v.to(dtype) for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = DecoderLM(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ModelLoadError(
             f"weights in {directory}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    wrong = [k for k in expected if tuple(state[k].shape) != expected[k]]
+    if wrong:
+        k, more = wrong[0], f" ({len(wrong) - 1} more tensors differ)" if wrong[1:] else ""
+        raise ModelLoadError(f"{origin[k]}: tensor {k}: expected shape {expected[k]} (from {config_path}), found "
+                             f"{tuple(state[k].shape)}{more}")
     model.load_state_dict(state, assign=True)
     model.eval()
     extra_eos = _generation_eos(directory)
     tokenizer = load_tokenizer(directory, extra_eos)
     provenance = dict(provenance, random_weights=False, **_describe(model, dtype, device))
     return LoadedModel(model, tokenizer, provenance)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path}: expected valid JSON, found {type(error).__name__}: {error}") from error
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files to read and the index's tensor -> file map (None for a single file); files the
+    index does not list, or several files without an index, are errors (they would silently override)."""
+    present = sorted(p.name for p in directory.glob("*.safetensors"))
+    index_path = directory / INDEX_FILE
+    if not index_path.exists():
+        if len(present) != 1:
+            raise ModelLoadError(f"model directory {directory}: expected one *.safetensors file or {INDEX_FILE} "
+                                 f"naming the shards, found {present or 'none'}")
+        return [directory / present[0]], None
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index_path}: weight_map: expected an object of tensor name -> shard file, "
+                             f"found {weight_map!r:.80}")
+    listed = sorted(set(weight_map.values()))
+    absent, extra = sorted(set(listed) - set(present)), sorted(set(present) - set(listed))
+    if absent or extra:
+        raise ModelLoadError(f"{index_path}: expected the shard files it lists, found missing {absent}, "
+                             f"unexpected {extra}")
+    return [directory / name for name in listed], weight_map
+
+
+def _read_weights(directory: Path, device: torch.device) -> tuple[dict, dict]:
+    """{tensor name: tensor} from the directory's weight files, and {tensor name: the file it came from}."""
+    from safetensors.torch import load_file
+
+    files, weight_map = _weight_files(directory)
+    state, origin = {}, {}
+    for path in files:
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except Exception as error:  # safetensors raises its own error types
+            raise ModelLoadError(f"weights file {path}: cannot be read ({error})") from error
+        for name, tensor in tensors.items():
+            if name in origin:
+                raise ModelLoadError(f"{path}: tensor {name}: expected in one file, found also in {origin[name]}")
+            if weight_map is not None and weight_map.get(name) != path.name:
+                raise ModelLoadError(f"{path}: tensor {name}: expected in {weight_map.get(name)} as "
+                                     f"{INDEX_FILE} says, found here")
+            state[name], origin[name] = tensor, path
+    return state, origin
 
 
 def save_pretrained(loaded: LoadedModel, directory) -> Path:
@@ -154,7 +201,8 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
     path = directory / "generation_config.json"
     if not path.exists():
         return ()
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = _read_json(path)
+    eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
     return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
 
 

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.cells import CellStore
-from ember.experiments.workloads import extraction_set, resolve_device
+from ember.experiments.workloads import check_lora_targets, extraction_set, resolve_device
 from ember.models.lora import PROJECTIONS
-from ember.params import RunParams
+from ember.params import RunParams, param
 from ember.policies import KeepStale, PeriodicRefresh, PolicyRunner, UpdatableKV
 from ember.policies.probes import ProbeSpec, fresh_reference, probe
 from ember.report import macro_name, report_dir
@@ -27,21 +27,25 @@ from ember.train.trajectory import trajectory
 class Params(RunParams):
     """The rank x refresh-period grid, the trajectory and the probes of fig5."""
 
-    ranks: tuple[int, ...] = (4,)
-    periods: tuple[int, ...] = (1, 2)
-    updates: int = 3
-    prompts: int = 2
-    lr: float = 1e-3
-    alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank x r
-    sft_batch: int = 2
+    ranks: tuple[int, ...] = param((4,), low=1)
+    periods: tuple[int, ...] = param((1, 2), low=1)
+    updates: int = param(3, low=1)
+    prompts: int = param(2, low=1)
+    lr: float = param(1e-3, low=0.0)
+    alpha_per_rank: float = param(2.0, low=0.0)  # lora_alpha = alpha_per_rank x r
+    sft_batch: int = param(2, low=1)
     targets: tuple[str, ...] = tuple(PROJECTIONS)
-    block_size: int = 16
-    greedy_tokens: int = 8
-    samples: int = 2  # sampled candidates per prompt for the reward probe
-    sample_max_tokens: int = 16
-    temperature: float = 0.7
-    quality_every: int = 0  # greedy/reward probes every this many updates (0: only after the last update)
-    time_budget_s: float = 0.0  # > 0: stop after this many seconds; finished cells resume on the next run
+    block_size: int = param(16, low=1)
+    greedy_tokens: int = param(8, low=0)
+    samples: int = param(2, low=0)  # sampled candidates per prompt for the reward probe
+    sample_max_tokens: int = param(16, low=1)
+    temperature: float = param(0.7, low=0.0)
+    quality_every: int = param(0, low=0)  # greedy/reward probes every this many updates (0: after the last only)
+    time_budget_s: float = param(0.0, low=0.0)  # > 0: stop after this many seconds; finished cells resume next run
+
+    def validate(self) -> None:
+        super().validate()
+        check_lora_targets(self)
 
 
 def policies(params: Params) -> list[tuple[str, int | None, object]]:

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.cells import CellStore
-from ember.experiments.workloads import extraction_set, resolve_device
+from ember.experiments.workloads import check_lora_targets, extraction_set, resolve_device
 from ember.models.lora import PROJECTIONS
-from ember.params import RunParams
+from ember.params import RunParams, param
 from ember.policies import Naive, PolicyRunner, UpdateLocality
 from ember.report import macro_name, report_dir
 from ember.tasks.evaluate import evaluate
@@ -28,22 +28,26 @@ from ember.train.trajectory import trajectory
 class Params(RunParams):
     """Frozen depths, the round structure and the LoRA/SFT setup of fig4."""
 
-    frozen_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
-    rounds: int = 2  # updates; round 0 runs on the base model
-    prompts: int = 3
-    candidates: int = 2
-    max_tokens: int = 8
-    temperature: float = 0.7
-    eval_items: int = 3
-    eval_max_tokens: int = 48
-    rank: int = 4
-    alpha: float = 8.0
-    lr: float = 1e-3
-    sft_batch: int = 3
+    frozen_fractions: tuple[float, ...] = param((0.0, 0.5, 1.0), low=0.0, high=1.0)
+    rounds: int = param(2, low=1)  # updates; round 0 runs on the base model
+    prompts: int = param(3, low=1)
+    candidates: int = param(2, low=1)
+    max_tokens: int = param(8, low=1)
+    temperature: float = param(0.7, low=0.0)
+    eval_items: int = param(3, low=1)
+    eval_max_tokens: int = param(48, low=1)
+    rank: int = param(4, low=1)
+    alpha: float = param(8.0, low=0.0)
+    lr: float = param(1e-3, low=0.0)
+    sft_batch: int = param(3, low=1)
     targets: tuple[str, ...] = tuple(PROJECTIONS)
-    block_size: int = 16
-    reward_tolerance: float = 0.05  # reward loss vs training every layer that still counts as fine
-    time_budget_s: float = 0.0  # > 0: stop after this many seconds; finished cells resume on the next run
+    block_size: int = param(16, low=1)
+    reward_tolerance: float = param(0.05, low=0.0)  # reward loss vs training every layer that still counts as fine
+    time_budget_s: float = param(0.0, low=0.0)  # > 0: stop after this many seconds; finished cells resume next run
+
+    def validate(self) -> None:
+        super().validate()
+        check_lora_targets(self)
 
 
 def frozen_depth(fraction: float, num_layers: int) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.errors import ParamsError, TaskError
+from ember.models.lora import PROJECTIONS
 from ember.params import check_device_name
 from ember.tasks.evaluate import render
 from ember.tasks.extraction import make_extraction, verify
@@ -34,6 +35,14 @@ def resolve_device(device: str) -> str:
             raise ParamsError(f"device {device!r}: expected CUDA device {index} on this machine, found {found} "
                               f"CUDA device(s); use device=cpu or device=auto")
     return device
+
+
+def check_lora_targets(params) -> None:
+    """Raise ParamsError unless `params.targets` names one or more LoRA projections."""
+    unknown = sorted(set(params.targets) - set(PROJECTIONS))
+    if unknown or not params.targets:
+        raise ParamsError(f"{type(params).__name__}.targets: expected names among {sorted(PROJECTIONS)}, found "
+                          f"{list(params.targets)}")
 
 
 def shared_prefix_documents(vocab_size: int, count: int, prompt_len: int, prefix_len: int, seed: int,

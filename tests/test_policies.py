@@ -33,8 +33,8 @@ ANSWERS = ['{"name": "Alice", "age": 31}', '{"name": "Bob", "age": 45}', '{"name
 SPEC = ProbeSpec(greedy_tokens=8)
 
 
-def _engine(family="tiny-llama", seed=0):
-    model = random_model(preset_config(family, num_layers=LAYERS), torch.float32, torch.device("cpu"), seed)
+def _engine(family="tiny-llama", seed=0, device="cpu"):
+    model = random_model(preset_config(family, num_layers=LAYERS), torch.float32, torch.device(device), seed)
     return Engine(model, load(family).tokenizer, progress=False)
 
 
@@ -205,3 +205,16 @@ def test_probe_of_a_fresh_cache_is_zero_and_rewards_use_the_scorer():
     result = probe(engine, PROMPTS, reference, spec, score)
     assert max(result["k_rel_l2"] + result["v_rel_l2"]) < 1e-6 and result["greedy_agreement"] == 1.0
     assert result["reward"] == pytest.approx(reference.reward)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen3"])
+def test_policies_on_cuda_against_a_fresh_recompute(family):
+    engine = _engine(family, device="cuda")
+    _replay(engine, UpdateLocality(3), _trainer(engine, layers=(3, 4, 5)))
+    errors = _errors(engine)
+    assert max(errors["k_rel_l2"] + errors["v_rel_l2"]) < 1e-5 and errors["greedy_agreement"] == 1.0
+    engine = _engine(family, device="cuda")
+    _replay(engine, UpdatableKV(10), _trainer(engine, layers=(2, 3, 4, 5)))
+    errors = _errors(engine)
+    assert errors["k_rel_l2"][2] < 1e-5 and errors["v_rel_l2"][2] < 1e-5 and errors["v_rel_l2"][4] > 0

@@ -2,7 +2,8 @@
 extraction task, replayed under KeepStale, PeriodicRefresh(k) and UpdatableKV(k) for each k. After every update,
 the error of what the next rollout would attend to, against a fresh recompute with the current adapter: per-layer
 relative L2 of K and V, next-token KL at the last prompt token, and (at quality points) greedy-token agreement
-and the verifier reward of sampled candidates."""
+and the verifier reward of sampled candidates. The replay engines decode without CUDA graphs (each would capture
+its own, for a few probe tokens)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _cell(engine, workload, params: Params, rank: int, progress) -> pd.DataFrame
     adapters = trajectory(model, config, list(workload.examples), params.updates, params.sft_batch, folder,
                           engine._pad_id)
     prompts = list(workload.prompts)
-    fresh = Engine(model, tokenizer, progress=False, prefix_cache=False)
+    fresh = Engine(model, tokenizer, progress=False, prefix_cache=False, cuda_graphs=False)
     references = []
     for update, adapter in enumerate(adapters, start=1):
         fresh.set_adapter(fresh.load_adapter(adapter, "current"))
@@ -97,7 +98,7 @@ def _cell(engine, workload, params: Params, rank: int, progress) -> pd.DataFrame
     replays = policies(params)
     for family, k, make in tqdm(replays, desc=f"r={rank}", disable=None if progress is None else not progress,
                                 leave=False):
-        runner = PolicyRunner(Engine(model, tokenizer, progress=False), make(), params.block_size)
+        runner = PolicyRunner(Engine(model, tokenizer, progress=False, cuda_graphs=False), make(), params.block_size)
         runner.generate(prompts, 1, fill)  # round 0: the cache filled under the base model
         since = 0
         for update, (adapter, (spec, reference)) in enumerate(zip(adapters, references), start=1):

@@ -1,7 +1,8 @@
 """fig4: update locality. For each frozen depth N (a fraction of the layers), an adapter trained only on layers
 >= N for the same number of SFT steps on the extraction task; its trajectory replayed round by round (rollouts of
 `candidates` per prompt over a fixed prompt set, then the next update) under UpdateLocality(N) and under Naive:
-prefill tokens x layers and seconds per round, and the reward the adapter reaches."""
+prefill tokens x layers and seconds per round, and the reward the adapter reaches. The replay engines decode
+without CUDA graphs (each would capture its own; prefill is what is compared)."""
 
 from __future__ import annotations
 
@@ -112,14 +113,14 @@ def _cell(engine, workload, held_out, params: Params, frozen: int) -> pd.DataFra
         adapters = trajectory(model, config, list(workload.examples), params.rounds, params.sft_batch, folder,
                               engine._pad_id)
         losses = trajectory_losses(folder)
-    engine_for = lambda: Engine(model, tokenizer, progress=False)  # noqa: E731  each policy its own engine
+    engine_for = lambda: Engine(model, tokenizer, progress=False, cuda_graphs=False)  # noqa: E731  each policy its own engine
     policies = {"UpdateLocality": lambda: UpdateLocality(frozen), "Naive": Naive}
     rows = []
     for repeat in range(params.warmup + params.repeats):
         replay = _replay(engine_for, policies, adapters, workload, params, repeat)
         if repeat >= params.warmup:
             rows.extend(dict(r, repeat=repeat - params.warmup) for r in replay)
-    final = Engine(model, tokenizer, progress=False, prefix_cache=False)
+    final = Engine(model, tokenizer, progress=False, prefix_cache=False, cuda_graphs=False)
     if adapters:
         final.set_adapter(final.load_adapter(adapters[-1]))
     quality = evaluate(final, held_out.items, lambda item, text: verify(item, text)["reward"] == 1.0,

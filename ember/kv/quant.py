@@ -119,6 +119,11 @@ def _group_reduce(x: torch.Tensor, spec: QuantSpec, role: str, op) -> torch.Tens
     return reduce(x, dim=-1, keepdim=True)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of x is finite: one min / max pass (NaN propagates through both), no mask."""
+    return not x.numel() or all(math.isfinite(float(bound)) for bound in torch.aminmax(x))
+
+
 def _scale_range(value: torch.Tensor, scale_dtype: str, what: str) -> torch.finfo:
     """The scale dtype's finfo, once every value is known to be finite and within its range (no silent clip)."""
     info = torch.finfo(SCALE_DTYPES[scale_dtype])
@@ -201,7 +206,7 @@ def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float16
     else:
         values = q.codes.view(torch.float8_e4m3fn).float() * scale
     limit = torch.finfo(dtype).max  # a code times its rounded-up scale may land just past the range: saturate
-    return values.clamp(-limit, limit).to(dtype)
+    return values.clamp_(-limit, limit).to(dtype)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, role: str = "k", dtype: torch.dtype = torch.float16) -> torch.Tensor:

@@ -16,12 +16,12 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 from ember.errors import KVWireError
 from ember.kv.quant import SCALE_DTYPES, Quantized, QuantSpec, all_finite, dequantize, group_stats, pack_nibbles
-from ember.kv.quant import quantize
-from ember.kv.quant import scale_shape, unpack_nibbles
+from ember.kv.quant import quantize, scale_shape, unpack_nibbles
 
 MAGIC = b"KVW1"
 VERSION = 1
@@ -100,31 +100,34 @@ class WireInfo:
 
 
 def _segments(layers: int, tokens: int, default: str, token_precision=None, layer_precision=None) -> list:
-    """(layer, precision code, token indices) for each segment, in wire order, straight from the maps: a layer
-    with a code of its own is one segment, the other layers share the token map's groups, found once (O(L + T)
-    work, no (L, T) grid). A segment that holds every token of its layer gets slice(None) as its indices (a view,
-    no gather)."""
+    """(layer, precision code, token count) for each segment, in wire order, straight from the maps: a layer with
+    a code of its own is one segment of all T tokens, the other layers share the token map's groups, counted once
+    (O(L + T) work, no (L, T) grid, no temporary larger than the map)."""
     if not tokens:
         return []
     if token_precision is None:
-        groups = [(PRECISION_CODES[default], slice(None))]
+        groups = [(PRECISION_CODES[default], tokens)]
     else:
         codes = token_precision.to(torch.uint8).cpu().reshape(-1)
-        present = torch.unique(codes).tolist()  # ascending
-        groups = [(present[0], slice(None))] if len(present) == 1 else \
-            [(code, (codes == code).nonzero()[:, 0]) for code in present]
+        groups = [(code, count) for code in sorted(PRECISION_NAMES) if (count := int((codes == code).sum()))]
     own = [INHERIT] * layers if layer_precision is None else layer_precision.to(torch.uint8).cpu().tolist()
-    return [(layer, code, idx) for layer, mine in enumerate(own)
-            for code, idx in (groups if mine == INHERIT else [(mine, slice(None))])]
+    return [(layer, code, count) for layer, mine in enumerate(own)
+            for code, count in (groups if mine == INHERIT else [(mine, tokens)])]
+
+
+def _with_indices(segments: list, tokens: int, token_precision) -> list:
+    """The segments as (layer, code, count, token indices): slice(None) for a segment of every token (a view, no
+    gather), else the tokens the token map gives its code (found once per code)."""
+    found = {}
+    for _, code, count in segments:
+        if count < tokens and code not in found:
+            found[code] = (token_precision.to(torch.uint8).cpu().reshape(-1) == code).nonzero()[:, 0]
+    return [(layer, code, count, slice(None) if count == tokens else found[code]) for layer, code, count in segments]
 
 
 def _shared_codes(segments: list) -> list[int]:
     """Tensor granularity: the quantized precisions present, in the order of their shared scales."""
-    return sorted({code for _, code, _ in segments} - {PRECISION_CODES["fp16"]})
-
-
-def _count(idx, tokens: int) -> int:
-    return tokens if isinstance(idx, slice) else len(idx)
+    return sorted({segment[1] for segment in segments} - {PRECISION_CODES["fp16"]})
 
 
 def _payload_bytes(precision: str, count: int) -> int:
@@ -137,11 +140,11 @@ def _scale_count(config: WireConfig, precision: str, heads: int, tokens: int, di
     return int(torch.Size(scale_shape((heads, tokens, dim), config.spec(precision), role)).numel())
 
 
-def _section_sizes(config: WireConfig, heads: int, dim: int, tokens: int, segments: list) -> tuple[int, int]:
+def _section_sizes(config: WireConfig, heads: int, dim: int, segments: list) -> tuple[int, int]:
     """(payload bytes, scale bytes) implied by the config and the segments: arithmetic, nothing allocated."""
     payload = scales = 0
-    for _, code, idx in segments:
-        name, count = PRECISION_NAMES[code], _count(idx, tokens)
+    for _, code, count in segments:
+        name = PRECISION_NAMES[code]
         per = 2 * (2 if config.spec(name).has_offset else 1)  # scale (+ offset), 2 bytes each
         for role in ("k", "v"):
             payload += _payload_bytes(name, heads * count * dim)
@@ -158,7 +161,7 @@ def expected_size(config: WireConfig, layers: int, heads: int, head_dim: int, to
         raise KVWireError("expected_size: zstd output size depends on the data; use a config with zstd=False")
     has_map = token_precision is not None or layer_precision is not None
     segments = _segments(layers, tokens, config.scheme, token_precision, layer_precision)
-    payload, scales = _section_sizes(config, heads, head_dim, tokens, segments)
+    payload, scales = _section_sizes(config, heads, head_dim, segments)
     width = 4 if (max_position if max_position is not None else tokens - 1) >= 65536 else 2
     return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
 
@@ -188,7 +191,8 @@ def pack(payload: KVPayload, config: WireConfig) -> bytes:
     for role, original, cast in (("K", payload.k, k), ("V", payload.v, v)):
         _check_values(role, original, cast, config.value_dtype)
     has_map = payload.token_precision is not None or payload.layer_precision is not None
-    segments = _segments(layers, tokens, config.scheme, payload.token_precision, payload.layer_precision)
+    segments = _with_indices(_segments(layers, tokens, config.scheme, payload.token_precision,
+                                       payload.layer_precision), tokens, payload.token_precision)
     shared = _shared_stats(config, k, v, segments) if config.granularity == "tensor" else {}
     body_payload, body_scales = [], []
     for code in sorted(shared):
@@ -196,7 +200,7 @@ def pack(payload: KVPayload, config: WireConfig) -> bytes:
             q = _quantize(torch.zeros((1, 1, 1), dtype=vdtype), config.spec(PRECISION_NAMES[code]), role, stats,
                           "all layers")
             body_scales.append(_scale_bytes(q))
-    for layer, code, idx in segments:
+    for layer, code, _, idx in segments:
         name = PRECISION_NAMES[code]
         for role, tensor in (("k", k), ("v", v)):
             stats = shared[code][role == "v"] if code in shared else None
@@ -264,7 +268,7 @@ def _shared_stats(config: WireConfig, k, v, segments: list) -> dict:
         spec = config.spec(PRECISION_NAMES[code])
         per_role = []
         for role, tensor in (("k", k), ("v", v)):
-            cells = torch.cat([_select(tensor, layer, idx).reshape(-1) for layer, c, idx in segments if c == code])
+            cells = torch.cat([_select(tensor, layer, idx).reshape(-1) for layer, c, _, idx in segments if c == code])
             per_role.append(tuple(s.reshape(1, 1, 1) for s in group_stats(cells.reshape(1, 1, -1, 1), spec, role)))
         shared[code] = per_role
     return shared
@@ -416,8 +420,8 @@ def unpack(blob: bytes, device="cpu") -> KVPayload:
 
     Needs no config: the blob describes itself. Every inconsistency (an unavailable `device` too) raises
     KVWireError naming the field. The payload and scale sizes the dimensions and maps imply are checked before
-    the payload is read or decompressed; until every check passes, allocations stay within a small multiple of
-    the blob (of a zstd body: of what its frame really holds, up to the declared sizes).
+    the payload is read or decompressed, and until every check passes no allocation is larger than the blob
+    (a zstd body's: than what its frame really holds, up to the declared sizes).
     """
     device = _device(device)
     info = inspect(blob)
@@ -427,14 +431,8 @@ def unpack(blob: bytes, device="cpu") -> KVPayload:
     body = _BodyReader(memoryview(blob)[HEADER.size:len(blob) - CHECKSUM_BYTES], config.zstd,
                        bd["indices"] + bd["map"] + bd["payload"] + bd["scales"])
     tokens, layers = info.tokens, info.layers
-    raw = body.read(bd["indices"])
-    positions = torch.frombuffer(bytearray(raw), dtype=torch.int32 if info.index_bytes_each == 4
-                                 else torch.int16).long() if tokens else torch.zeros(0, dtype=torch.long)
-    if info.index_bytes_each == 2:
-        positions = positions & 0xFFFF
-    else:
-        positions = positions & 0xFFFFFFFF
-    if tokens and (positions[-1] >= info.context_len or (tokens > 1 and bool((positions[1:] <= positions[:-1]).any()))):
+    indices = numpy.frombuffer(body.read(bd["indices"]), dtype="<u4" if info.index_bytes_each == 4 else "<u2")
+    if tokens and (int(indices[-1]) >= info.context_len or bool((indices[1:] <= indices[:-1]).any())):
         raise KVWireError(f"indices: expected strictly increasing positions below {info.context_len}")
     token_precision = layer_precision = None
     if info.has_map:
@@ -443,12 +441,14 @@ def unpack(blob: bytes, device="cpu") -> KVPayload:
         if bool((layer_precision > 5).any()) or (tokens and bool(((token_precision < 1) | (token_precision > 5)).any())):
             raise KVWireError("precision map: expected layer codes 0..5 and token codes 1..5, found others")
     segments = _segments(layers, tokens, config.scheme, token_precision, layer_precision)
-    payload_len, scale_len = _section_sizes(config, info.heads, info.head_dim, tokens, segments)
+    payload_len, scale_len = _section_sizes(config, info.heads, info.head_dim, segments)
     if (payload_len, scale_len) != (bd["payload"], bd["scales"]):
         raise KVWireError(f"payload/scales: the dimensions and map imply {payload_len}/{scale_len} bytes, "
                           f"header says {bd['payload']}/{bd['scales']}")
+    segments = _with_indices(segments, tokens, token_precision)
     k, v = _decode_segments(body.read(payload_len + scale_len), config, info, segments, device)
     body.finish()
+    positions = torch.from_numpy(indices.astype(numpy.int64))
     return KVPayload(k, v, positions, info.context_len, token_precision, layer_precision)
 
 
@@ -477,10 +477,9 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
         shared[code] = [(take_scales(1, f"{role}, all layers").reshape(1, 1, 1),
                          take_scales(1, f"{role}, all layers").reshape(1, 1, 1) if spec.has_offset else None)
                         for role in "KV"]
-    for layer, code, idx in segments:
+    for layer, code, tokens, idx in segments:
         name = PRECISION_NAMES[code]
         spec = config.spec(name)
-        tokens = _count(idx, info.tokens)
         count = heads * tokens * dim
         for r, (role, target) in enumerate((("k", k), ("v", v))):
             where = f"{role.upper()}, layer {layer}"

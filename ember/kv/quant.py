@@ -9,12 +9,14 @@ Tensors are (..., H, T, D) (heads, tokens, head dim). A granularity decides whic
   kivi    keys per channel, values per token  K: (..., H, 1, D), V: (..., H, T, 1)
 
 Scales are stored in fp16 or bf16 and chosen so that values never clip after rounding, which gives the error
-bounds in `error_bound`. All work is vectorized over tokens; codes are int8 (int schemes, fp8 bits as uint8
+bounds in `error_bound`; a scale (or zero point) the scale dtype cannot hold is a KVWireError, never a silent
+clip, and dequantized values saturate at the value dtype's finite range instead of overflowing to inf. All work is vectorized over tokens; codes are int8 (int schemes, fp8 bits as uint8
 reinterpreted) or uint8 (NF4 indices).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,16 +119,31 @@ def _group_reduce(x: torch.Tensor, spec: QuantSpec, role: str, op) -> torch.Tens
     return reduce(x, dim=-1, keepdim=True)
 
 
-def _round_up(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast positive float32 values to `dtype` without ever rounding below the input (or to zero)."""
-    info = torch.finfo(dtype)
-    return (value * (1 + 2 * info.eps)).clamp(min=info.tiny, max=info.max).to(dtype)
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of x is finite: one min / max pass (NaN propagates through both), no mask."""
+    return not x.numel() or all(math.isfinite(float(bound)) for bound in torch.aminmax(x))
 
 
-def _round_down(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast float32 values to `dtype` with a result never above the input."""
-    info = torch.finfo(dtype)
-    return (value - value.abs() * 2 * info.eps - info.tiny).clamp(min=-info.max).to(dtype)
+def _scale_range(value: torch.Tensor, scale_dtype: str, what: str) -> torch.finfo:
+    """The scale dtype's finfo, once every value is known to be finite and within its range (no silent clip)."""
+    info = torch.finfo(SCALE_DTYPES[scale_dtype])
+    worst = float(value.abs().max())
+    if not math.isfinite(worst) or worst > info.max:
+        raise KVWireError(f"{what}: expected finite values with |x| <= {info.max:g} (scale_dtype {scale_dtype}; "
+                          f"'bf16' holds larger ones), found {worst:g}")
+    return info
+
+
+def _round_up(value: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Cast positive float32 scales to the scale dtype without ever rounding below the input (or to zero)."""
+    info = _scale_range(value, scale_dtype, "scale")
+    return (value * (1 + 2 * info.eps)).clamp(min=info.tiny, max=info.max).to(SCALE_DTYPES[scale_dtype])
+
+
+def _round_down(value: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Cast float32 zero points to the scale dtype with a result never above the input."""
+    info = _scale_range(value, scale_dtype, "zero point")
+    return (value - value.abs() * 2 * info.eps - info.tiny).clamp(min=-info.max).to(SCALE_DTYPES[scale_dtype])
 
 
 def group_stats(x: torch.Tensor, spec: QuantSpec, role: str) -> tuple[torch.Tensor, ...]:
@@ -140,42 +157,42 @@ def quantize(x: torch.Tensor, spec: QuantSpec, role: str = "k", stats: tuple | N
     """Quantize x (..., H, T, D), already in its value dtype (fp16 / bf16 / fp32).
 
     `stats` overrides the group statistics (see `group_stats`) so that several tensors share one scale.
-    The fp16 scheme keeps values as they are (no scale).
+    The fp16 scheme keeps values as they are (no scale). Non-finite values, or a scale or zero point beyond the
+    scale dtype's range, raise KVWireError.
     """
     if spec.scheme == "fp16":
         return Quantized(x, None)
-    sdtype = SCALE_DTYPES[spec.scale_dtype]
     xf = x.float()
     stats = group_stats(x, spec, role) if stats is None else tuple(s.float() for s in stats)
     if spec.has_offset:
         levels = 2 ** BITS[spec.scheme] - 1
-        low = _round_down(stats[0], sdtype)
+        low = _round_down(stats[0], spec.scale_dtype)
         high = stats[1]
-        scale = _round_up((high - low.float()) / levels, sdtype)
+        scale = _round_up((high - low.float()) / levels, spec.scale_dtype)
         shifted = (xf - _expand(low.float(), x.shape, spec)) / _expand(scale.float(), x.shape, spec)
         codes = torch.round(shifted).clamp(0, levels).to(torch.uint8)
         return Quantized(codes, scale, low)
     peak = stats[0]
     if spec.scheme in ("int8", "int4"):
         qmax = 2 ** (BITS[spec.scheme] - 1) - 1
-        scale = _round_up(peak / qmax, sdtype)
+        scale = _round_up(peak / qmax, spec.scale_dtype)
         codes = torch.round(xf / _expand(scale.float(), x.shape, spec)).clamp(-qmax, qmax).to(torch.int8)
     elif spec.scheme == "nf4":
-        scale = _round_up(peak, sdtype)
+        scale = _round_up(peak, spec.scale_dtype)
         normed = xf / _expand(scale.float(), x.shape, spec)  # in [-1, 1]
         levels = NF4_LEVELS.to(x.device)
         # nearest level via midpoints: searchsorted is vectorized and needs no (.., 16) temporary
         midpoints = (levels[1:] + levels[:-1]) / 2
         codes = torch.searchsorted(midpoints, normed.contiguous()).to(torch.uint8)
     else:  # fp8 e4m3
-        scale = _round_up(peak / FP8_MAX, sdtype)
+        scale = _round_up(peak / FP8_MAX, spec.scale_dtype)
         scaled = (xf / _expand(scale.float(), x.shape, spec)).clamp(-FP8_MAX, FP8_MAX)
         codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
     return Quantized(codes, scale)
 
 
 def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Reconstruct values in `dtype` from codes and scales."""
+    """Reconstruct values in `dtype` from codes and scales, saturating at its finite range."""
     if spec.scheme == "fp16":
         return q.codes.to(dtype)
     shape = q.codes.shape
@@ -188,7 +205,8 @@ def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float16
         values = NF4_LEVELS.to(q.codes.device)[q.codes.long()] * scale
     else:
         values = q.codes.view(torch.float8_e4m3fn).float() * scale
-    return values.to(dtype)
+    limit = torch.finfo(dtype).max  # a code times its rounded-up scale may land just past the range: saturate
+    return values.clamp_(-limit, limit).to(dtype)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, role: str = "k", dtype: torch.dtype = torch.float16) -> torch.Tensor:

@@ -16,11 +16,12 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 from ember.errors import KVWireError
-from ember.kv.quant import SCALE_DTYPES, Quantized, QuantSpec, dequantize, group_stats, pack_nibbles, quantize
-from ember.kv.quant import scale_shape, unpack_nibbles
+from ember.kv.quant import SCALE_DTYPES, Quantized, QuantSpec, all_finite, dequantize, group_stats, pack_nibbles
+from ember.kv.quant import quantize, scale_shape, unpack_nibbles
 
 MAGIC = b"KVW1"
 VERSION = 1
@@ -35,6 +36,7 @@ GRANULARITY_CODES = {"tensor": 0, "layer": 1, "head": 2, "token": 3, "kivi": 4}
 DTYPE_CODES = {"fp16": 1, "bf16": 2}
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LIMITS = {"layers": 1024, "heads": 1024, "head_dim": 4096, "tokens": 1 << 26, "body": 1 << 36}
+ZSTD_CHUNK = 1 << 20  # a zstd body is decompressed this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -97,29 +99,35 @@ class WireInfo:
                 "precision_map": self.has_map, "breakdown": self.breakdown, "checksum_ok": self.checksum_ok}
 
 
-def cell_precision(layers: int, tokens: int, default: str, token_precision=None, layer_precision=None):
-    """Precision code of every (layer, token) cell: (L, T) uint8."""
-    base = torch.full((tokens,), PRECISION_CODES[default], dtype=torch.uint8) if token_precision is None \
-        else token_precision.to(torch.uint8).cpu()
-    cells = base.expand(layers, tokens).clone()
-    if layer_precision is not None:
-        lp = layer_precision.to(torch.uint8).cpu()
-        override = lp != INHERIT
-        cells[override] = lp[override][:, None].expand(-1, tokens)
-    return cells
+def _segments(layers: int, tokens: int, default: str, token_precision=None, layer_precision=None) -> list:
+    """(layer, precision code, token count) for each segment, in wire order, straight from the maps: a layer with
+    a code of its own is one segment of all T tokens, the other layers share the token map's groups, counted once
+    (O(L + T) work, no (L, T) grid, no temporary larger than the map)."""
+    if not tokens:
+        return []
+    if token_precision is None:
+        groups = [(PRECISION_CODES[default], tokens)]
+    else:
+        codes = token_precision.to(torch.uint8).cpu().reshape(-1)
+        groups = [(code, count) for code in sorted(PRECISION_NAMES) if (count := int((codes == code).sum()))]
+    own = [INHERIT] * layers if layer_precision is None else layer_precision.to(torch.uint8).cpu().tolist()
+    return [(layer, code, count) for layer, mine in enumerate(own)
+            for code, count in (groups if mine == INHERIT else [(mine, tokens)])]
 
 
-def _segments(cells: torch.Tensor):
-    """(layer, precision code, token indices) for each segment, in wire order. A segment that holds every
-    token of its layer gets slice(None) as its indices (a view, no gather)."""
-    for layer in range(cells.shape[0]):
-        codes = sorted(set(cells[layer].tolist()))
-        for code in codes:
-            yield layer, code, slice(None) if len(codes) == 1 else (cells[layer] == code).nonzero()[:, 0]
+def _with_indices(segments: list, tokens: int, token_precision) -> list:
+    """The segments as (layer, code, count, token indices): slice(None) for a segment of every token (a view, no
+    gather), else the tokens the token map gives its code (found once per code)."""
+    found = {}
+    for _, code, count in segments:
+        if count < tokens and code not in found:
+            found[code] = (token_precision.to(torch.uint8).cpu().reshape(-1) == code).nonzero()[:, 0]
+    return [(layer, code, count, slice(None) if count == tokens else found[code]) for layer, code, count in segments]
 
 
-def _count(idx, tokens: int) -> int:
-    return tokens if isinstance(idx, slice) else len(idx)
+def _shared_codes(segments: list) -> list[int]:
+    """Tensor granularity: the quantized precisions present, in the order of their shared scales."""
+    return sorted({segment[1] for segment in segments} - {PRECISION_CODES["fp16"]})
 
 
 def _payload_bytes(precision: str, count: int) -> int:
@@ -132,20 +140,17 @@ def _scale_count(config: WireConfig, precision: str, heads: int, tokens: int, di
     return int(torch.Size(scale_shape((heads, tokens, dim), config.spec(precision), role)).numel())
 
 
-def _section_sizes(config: WireConfig, heads: int, dim: int, cells: torch.Tensor) -> tuple[int, int]:
-    """(payload bytes, scale bytes) implied by the config and the cell precisions."""
+def _section_sizes(config: WireConfig, heads: int, dim: int, segments: list) -> tuple[int, int]:
+    """(payload bytes, scale bytes) implied by the config and the segments: arithmetic, nothing allocated."""
     payload = scales = 0
-    for _, code, idx in _segments(cells):
-        name, count = PRECISION_NAMES[code], _count(idx, cells.shape[1])
+    for _, code, count in segments:
+        name = PRECISION_NAMES[code]
         per = 2 * (2 if config.spec(name).has_offset else 1)  # scale (+ offset), 2 bytes each
         for role in ("k", "v"):
             payload += _payload_bytes(name, heads * count * dim)
             scales += per * _scale_count(config, name, heads, count, dim, role)
-    if config.granularity == "tensor":
-        for code in sorted(set(cells.flatten().tolist())):
-            name = PRECISION_NAMES[code]
-            if name != "fp16":
-                scales += 2 * 2 * (2 if config.spec(name).has_offset else 1)
+    for code in _shared_codes(segments) if config.granularity == "tensor" else []:
+        scales += 2 * 2 * (2 if config.spec(PRECISION_NAMES[code]).has_offset else 1)
     return payload, scales
 
 
@@ -155,8 +160,8 @@ def expected_size(config: WireConfig, layers: int, heads: int, head_dim: int, to
     if config.zstd:
         raise KVWireError("expected_size: zstd output size depends on the data; use a config with zstd=False")
     has_map = token_precision is not None or layer_precision is not None
-    cells = cell_precision(layers, tokens, config.scheme, token_precision, layer_precision)
-    payload, scales = _section_sizes(config, heads, head_dim, cells)
+    segments = _segments(layers, tokens, config.scheme, token_precision, layer_precision)
+    payload, scales = _section_sizes(config, heads, head_dim, segments)
     width = 4 if (max_position if max_position is not None else tokens - 1) >= 65536 else 2
     return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
 
@@ -172,26 +177,34 @@ def _encode_codes(q: Quantized, precision: str) -> bytes:
 
 
 def pack(payload: KVPayload, config: WireConfig) -> bytes:
-    """Quantize and serialize a payload into one KVWire blob."""
+    """Quantize and serialize a payload into one KVWire blob.
+
+    Values must be finite and within the value dtype's range (fp16: |x| <= 65504; beyond it a value would decode
+    as inf, and value_dtype='bf16' holds it), and every scale within the scale dtype's: otherwise KVWireError
+    names the tensor and layer.
+    """
     k, v, positions = payload.k, payload.v, payload.positions.reshape(-1).long().cpu()
     _check_payload(payload, positions)
     layers, heads, tokens, dim = k.shape
     vdtype = VALUE_DTYPES[config.value_dtype]
     k, v = k.to(vdtype), v.to(vdtype)
+    for role, original, cast in (("K", payload.k, k), ("V", payload.v, v)):
+        _check_values(role, original, cast, config.value_dtype)
     has_map = payload.token_precision is not None or payload.layer_precision is not None
-    cells = cell_precision(layers, tokens, config.scheme, payload.token_precision, payload.layer_precision)
-    shared = _shared_stats(config, k, v, cells) if config.granularity == "tensor" else {}
+    segments = _with_indices(_segments(layers, tokens, config.scheme, payload.token_precision,
+                                       payload.layer_precision), tokens, payload.token_precision)
+    shared = _shared_stats(config, k, v, segments) if config.granularity == "tensor" else {}
     body_payload, body_scales = [], []
     for code in sorted(shared):
-        for stats in shared[code]:
-            q = quantize(torch.zeros((1, 1, 1), dtype=vdtype), config.spec(PRECISION_NAMES[code]), stats=stats)
+        for role, stats in zip("kv", shared[code]):
+            q = _quantize(torch.zeros((1, 1, 1), dtype=vdtype), config.spec(PRECISION_NAMES[code]), role, stats,
+                          "all layers")
             body_scales.append(_scale_bytes(q))
-    for layer, code, idx in _segments(cells):
+    for layer, code, _, idx in segments:
         name = PRECISION_NAMES[code]
         for role, tensor in (("k", k), ("v", v)):
-            segment = tensor[layer][:, idx if isinstance(idx, slice) else idx.to(tensor.device)]  # (H, t, D)
             stats = shared[code][role == "v"] if code in shared else None
-            q = quantize(segment, config.spec(name), role, stats=stats)
+            q = _quantize(_select(tensor, layer, idx), config.spec(name), role, stats, f"layer {layer}")
             body_payload.append(_encode_codes(q, name))
             if config.granularity != "tensor":
                 body_scales.append(_scale_bytes(q))
@@ -222,18 +235,41 @@ def _scale_bytes(q: Quantized) -> bytes:
     return _tensor_bytes(q.scale) + (b"" if q.offset is None else _tensor_bytes(q.offset))
 
 
-def _shared_stats(config: WireConfig, k, v, cells) -> dict:
-    """Tensor granularity: per precision, one set of statistics over all of its cells, for K and for V."""
+def _select(tensor: torch.Tensor, layer: int, idx) -> torch.Tensor:
+    """One segment's values (H, t, D) of a (L, H, T, D) tensor."""
+    return tensor[layer][:, idx if isinstance(idx, slice) else idx.to(tensor.device)]
+
+
+def _quantize(segment: torch.Tensor, spec: QuantSpec, role: str, stats, where: str) -> Quantized:
+    """`quantize`, with errors naming the tensor and `where` it sits."""
+    try:
+        return quantize(segment, spec, role, stats=stats)
+    except KVWireError as error:
+        raise KVWireError(f"payload {role.upper()}, {where}: {error}") from error
+
+
+def _check_values(role: str, original: torch.Tensor, cast: torch.Tensor, value_dtype: str) -> None:
+    """Refuse NaN / inf inputs, and values that become inf in the value dtype, naming the first one."""
+    if all_finite(cast):  # NaN / inf inputs stay non-finite in the cast: one pass when all is well
+        return
+    bad = ~torch.isfinite(original)
+    beyond = not bool(bad.any())
+    layer, head, token, dim = (~torch.isfinite(cast) if beyond else bad).nonzero()[0].tolist()
+    expected = f"|values| <= {torch.finfo(cast.dtype).max:g} (value_dtype {value_dtype}; 'bf16' holds larger ones)" \
+        if beyond else "finite values"
+    raise KVWireError(f"payload {role}, layer {layer}: expected {expected}, found "
+                      f"{float(original[layer, head, token, dim]):g} (head {head}, token {token}, dim {dim})")
+
+
+def _shared_stats(config: WireConfig, k, v, segments: list) -> dict:
+    """Tensor granularity: per quantized precision, one set of statistics over all of its cells, for K and V."""
     shared = {}
-    for code in sorted(set(cells.flatten().tolist())):
-        name = PRECISION_NAMES[code]
-        if name == "fp16":
-            continue
-        mask = (cells == code).to(k.device)[:, None, :, None]  # (L, 1, T, 1)
+    for code in _shared_codes(segments):
+        spec = config.spec(PRECISION_NAMES[code])
         per_role = []
         for role, tensor in (("k", k), ("v", v)):
-            selected = tensor.float()[mask.expand_as(tensor)].reshape(1, 1, -1, 1)
-            per_role.append(tuple(s.reshape(1, 1, 1) for s in group_stats(selected, config.spec(name), role)))
+            cells = torch.cat([_select(tensor, layer, idx).reshape(-1) for layer, c, _, idx in segments if c == code])
+            per_role.append(tuple(s.reshape(1, 1, 1) for s in group_stats(cells.reshape(1, 1, -1, 1), spec, role)))
         shared[code] = per_role
     return shared
 
@@ -334,80 +370,121 @@ def inspect(blob: bytes) -> WireInfo:
     return WireInfo(config, layers, heads, dim, tokens, context_len, width, has_map, breakdown, checksum_ok)
 
 
+class _BodyReader:
+    """A blob's body, read section by section in order. A zstd body is decompressed as it is read, ZSTD_CHUNK
+    bytes at a time and never past the `size` bytes the header declares, so memory follows what the frame
+    really holds (a frame claiming gigabytes allocates nothing), and a frame that expands further fails as soon
+    as one byte past the declared size comes out."""
+
+    def __init__(self, stored: memoryview, compressed: bool, size: int):
+        self.stored, self.size, self.cursor = stored, size, 0
+        self.stream = _zstd().ZstdDecompressor().stream_reader(stored) if compressed else None
+
+    def read(self, n: int):
+        """The next n bytes (a view of the blob when uncompressed)."""
+        self.cursor += n
+        if self.stream is None:
+            return self.stored[self.cursor - n:self.cursor]
+        out = bytearray()
+        while len(out) < n:
+            chunk = self._decompress(min(ZSTD_CHUNK, n - len(out)))
+            if not chunk:
+                raise KVWireError(f"zstd body: expected {self.size} bytes after decompression, "
+                                  f"found {self.cursor - n + len(out)}")
+            out += chunk
+        return out
+
+    def finish(self) -> None:
+        """Check that a zstd frame ends where the header says the body does."""
+        if self.stream is not None and self._decompress(1):
+            raise KVWireError(f"zstd body: expected {self.size} bytes after decompression, found more")
+
+    def _decompress(self, n: int) -> bytes:
+        try:
+            return self.stream.read(n)
+        except _zstd().ZstdError as error:
+            raise KVWireError(f"zstd body: cannot be decompressed ({error})") from error
+
+
+def _device(device) -> torch.device:
+    """`device` as a torch.device, once a tensor can be made there."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:  # torch raises AssertionError without CUDA
+        raise KVWireError(f"device: expected an available torch device, found {device!r} ({error})") from error
+    return torch.device(device)
+
+
 def unpack(blob: bytes, device="cpu") -> KVPayload:
     """Decode a KVWire blob into dequantized K/V (on `device`, in the blob's value dtype), positions and maps.
 
-    Needs no config: the blob describes itself.
-    Every inconsistency raises KVWireError naming the field; nothing is allocated before sizes are checked.
+    Needs no config: the blob describes itself. Every inconsistency (an unavailable `device` too) raises
+    KVWireError naming the field. The payload and scale sizes the dimensions and maps imply are checked before
+    the payload is read or decompressed, and until every check passes no allocation is larger than the blob
+    (a zstd body's: than what its frame really holds, up to the declared sizes).
     """
+    device = _device(device)
     info = inspect(blob)
     if not info.checksum_ok:
         raise KVWireError("checksum: CRC-32 mismatch (the blob is corrupt)")
     config, bd = info.config, info.breakdown
-    body = bytes(blob[HEADER.size:len(blob) - CHECKSUM_BYTES])
-    plain = bd["indices"] + bd["map"] + bd["payload"] + bd["scales"]
-    if config.zstd:
-        try:
-            body = _zstd().ZstdDecompressor().decompress(body, max_output_size=plain)
-        except _zstd().ZstdError as error:
-            raise KVWireError(f"zstd body: cannot be decompressed ({error})") from error
-        if len(body) != plain:
-            raise KVWireError(f"zstd body: expected {plain} bytes after decompression, found {len(body)}")
+    body = _BodyReader(memoryview(blob)[HEADER.size:len(blob) - CHECKSUM_BYTES], config.zstd,
+                       bd["indices"] + bd["map"] + bd["payload"] + bd["scales"])
     tokens, layers = info.tokens, info.layers
-    offset = bd["indices"]
-    positions = torch.frombuffer(bytearray(body[:offset]), dtype=torch.int32 if info.index_bytes_each == 4
-                                 else torch.int16).long() if tokens else torch.zeros(0, dtype=torch.long)
-    if info.index_bytes_each == 2:
-        positions = positions & 0xFFFF
-    else:
-        positions = positions & 0xFFFFFFFF
-    if tokens and (positions[-1] >= info.context_len or (tokens > 1 and bool((positions[1:] <= positions[:-1]).any()))):
+    indices = numpy.frombuffer(body.read(bd["indices"]), dtype="<u4" if info.index_bytes_each == 4 else "<u2")
+    if tokens and (int(indices[-1]) >= info.context_len or bool((indices[1:] <= indices[:-1]).any())):
         raise KVWireError(f"indices: expected strictly increasing positions below {info.context_len}")
     token_precision = layer_precision = None
     if info.has_map:
-        maps = torch.frombuffer(bytearray(body[offset:offset + bd["map"]]), dtype=torch.uint8)
+        maps = torch.frombuffer(bytearray(body.read(bd["map"])), dtype=torch.uint8)
         layer_precision, token_precision = maps[:layers].clone(), maps[layers:].clone()
         if bool((layer_precision > 5).any()) or (tokens and bool(((token_precision < 1) | (token_precision > 5)).any())):
             raise KVWireError("precision map: expected layer codes 0..5 and token codes 1..5, found others")
-        offset += bd["map"]
-    cells = cell_precision(layers, tokens, config.scheme, token_precision, layer_precision)
-    payload_len, scale_len = _section_sizes(config, info.heads, info.head_dim, cells)
+    segments = _segments(layers, tokens, config.scheme, token_precision, layer_precision)
+    payload_len, scale_len = _section_sizes(config, info.heads, info.head_dim, segments)
     if (payload_len, scale_len) != (bd["payload"], bd["scales"]):
-        raise KVWireError(f"payload/scales: the map implies {payload_len}/{scale_len} bytes, "
+        raise KVWireError(f"payload/scales: the dimensions and map imply {payload_len}/{scale_len} bytes, "
                           f"header says {bd['payload']}/{bd['scales']}")
-    k, v = _decode_segments(body, offset, config, info, cells, torch.device(device))
+    segments = _with_indices(segments, tokens, token_precision)
+    k, v = _decode_segments(body.read(payload_len + scale_len), config, info, segments, device)
+    body.finish()
+    positions = torch.from_numpy(indices.astype(numpy.int64))
     return KVPayload(k, v, positions, info.context_len, token_precision, layer_precision)
 
 
-def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInfo, cells: torch.Tensor, device):
+def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, device):
+    """K and V (L, H, T, D) from the payload and scale sections (`data`), refusing non-finite scales, zero
+    points and values."""
     heads, dim, vdtype = info.heads, info.head_dim, VALUE_DTYPES[config.value_dtype]
     sdtype = SCALE_DTYPES[config.scale_dtype]
     k = torch.zeros((info.layers, heads, info.tokens, dim), dtype=vdtype, device=device)  # (L, H, T, D)
     v = torch.zeros_like(k)
-    scale_cursor = offset + info.breakdown["payload"]
+    offset, scale_cursor = 0, info.breakdown["payload"]
 
-    def take_scales(count: int):
+    def take_scales(count: int, where: str):
         nonlocal scale_cursor
-        raw = bytearray(body[scale_cursor:scale_cursor + 2 * count])
+        raw = bytearray(data[scale_cursor:scale_cursor + 2 * count])
         scale_cursor += 2 * count
-        return torch.frombuffer(raw, dtype=sdtype) if count else torch.zeros(0, dtype=sdtype)
+        values = torch.frombuffer(raw, dtype=sdtype) if count else torch.zeros(0, dtype=sdtype)
+        if not all_finite(values):
+            raise KVWireError(f"scales ({where}): expected finite scales and zero points, "
+                              f"found {float(values[~torch.isfinite(values)][0])}")
+        return values.to(device)
 
     shared = {}
-    if config.granularity == "tensor":
-        for code in sorted(set(cells.flatten().tolist())):
-            spec = config.spec(PRECISION_NAMES[code])
-            if spec.scheme != "fp16":
-                shared[code] = [(take_scales(1).to(device).reshape(1, 1, 1),
-                                 take_scales(1).to(device).reshape(1, 1, 1) if spec.has_offset else None)
-                                for _ in "kv"]
-    for layer, code, idx in _segments(cells):
+    for code in _shared_codes(segments) if config.granularity == "tensor" else []:
+        spec = config.spec(PRECISION_NAMES[code])
+        shared[code] = [(take_scales(1, f"{role}, all layers").reshape(1, 1, 1),
+                         take_scales(1, f"{role}, all layers").reshape(1, 1, 1) if spec.has_offset else None)
+                        for role in "KV"]
+    for layer, code, tokens, idx in segments:
         name = PRECISION_NAMES[code]
         spec = config.spec(name)
-        tokens = _count(idx, info.tokens)
         count = heads * tokens * dim
         for r, (role, target) in enumerate((("k", k), ("v", v))):
+            where = f"{role.upper()}, layer {layer}"
             size = _payload_bytes(name, count)
-            raw = bytearray(body[offset:offset + size])
+            raw = bytearray(data[offset:offset + size])
             offset += size
             codes = _decode_codes(raw, name, spec, count, vdtype).to(device).reshape(heads, tokens, dim)
             if name == "fp16":
@@ -417,9 +494,12 @@ def _decode_segments(body: bytes, offset: int, config: WireConfig, info: WireInf
             else:
                 shape = scale_shape((heads, tokens, dim), spec, role)
                 n = int(torch.Size(shape).numel())
-                scale = take_scales(n).to(device).reshape(shape)
-                offset_t = take_scales(n).to(device).reshape(shape) if spec.has_offset else None
-            target[layer][:, idx] = dequantize(Quantized(codes, scale, offset_t), spec, vdtype)
+                scale = take_scales(n, where).reshape(shape)
+                offset_t = take_scales(n, where).reshape(shape) if spec.has_offset else None
+            values = dequantize(Quantized(codes, scale, offset_t), spec, vdtype)
+            if name in ("fp16", "fp8") and not all_finite(values):  # other codes are finite given finite scales
+                raise KVWireError(f"payload ({where}): expected finite values, found NaN or inf {name} codes")
+            target[layer][:, idx] = values
     return k, v
 
 

@@ -1,5 +1,5 @@
 """Resumable grids: each finished cell of a run is stored under reports/<target>/cells/, keyed by a hash of the
-run's params and the cell, so a long run can be finished in pieces (each under a time budget) and cells of
+run's params (all but the time budget) and the cell, so a long run can be finished in pieces (each under a time budget) and cells of
 other params never mix in."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class CellStore:
     it got) once that many seconds have passed since the store was made; finished cells stay stored."""
 
     def __init__(self, params, time_budget_s: float = 0.0):
-        values = json.dumps(dataclasses.asdict(params), sort_keys=True, default=str)
+        fields = {k: v for k, v in dataclasses.asdict(params).items() if k != "time_budget_s"}  # not a result
+        values = json.dumps(fields, sort_keys=True, default=str)
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()

@@ -12,14 +12,14 @@ from __future__ import annotations
 from ember.errors import GenerationError
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
-MAX_PENDING = 8  # tokens to wait for a character to complete (UTF-8 needs at most 4 bytes); then U+FFFD is final
+MAX_PENDING = 8  # tokens to wait for a character to complete (UTF-8 needs at most 4 bytes) before cutting the run
 
 
 class IncrementalText:
     """The decoded text of a growing token list. Each push decodes the tokens since the last confirmed point,
     with the window before it as context (so tokenizers that treat a leading token specially decode it alike):
-    at most 3 * MAX_PENDING tokens a step (3 while tokens end on whole characters), whatever the length so far.
-    `decoded_tokens` counts that work."""
+    at most 10 * MAX_PENDING tokens a step (3 while tokens end on whole characters), whatever the length so
+    far. `decoded_tokens` counts that work."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -39,15 +39,23 @@ class IncrementalText:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        if self._read == len(self.tokens):
+        end = len(self.tokens)
+        if self._read == end:
             return ""
-        context = self._decode(self._prefix, self._read)
-        window = self._decode(self._prefix, len(self.tokens))
-        if window.endswith(REPLACEMENT) and not final and len(self.tokens) - self._read < MAX_PENDING:
-            return ""
-        delta = window[len(context):]
+        window = self._decode(self._prefix, end)
+        pending = end - self._read
+        if window.endswith(REPLACEMENT) and not final and pending < 2 * MAX_PENDING:
+            if pending < MAX_PENDING:
+                return ""
+            # a long run ending mid-character (invalid bytes): confirm all but the last token if that token
+            # decodes the same on its own, i.e. starts afresh; after 2 * MAX_PENDING tokens, confirm all
+            head, last = self._decode(self._prefix, end - 1), self._decode(end - 1, end)
+            if not last or head + last != window:
+                return ""
+            end, window = end - 1, head
+        delta = window[len(self._decode(self._prefix, self._read)):]
         self.text += delta
-        self._prefix, self._read = self._read, len(self.tokens)
+        self._prefix, self._read = self._read, end
         return delta
 
     def _decode(self, begin: int, end: int) -> str:

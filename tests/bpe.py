@@ -3,7 +3,8 @@ its vocabulary is the 256 byte symbols plus a few merges, so CJK characters and 
 
 from functools import lru_cache
 
-CORPUS = ["hello world, hello 世界 done", "emoji 😀 and 🎉 party", "the quick brown fox jumps over the lazy dog"] * 20
+CORPUS = 20 * ["hello world, hello 世界 done", "emoji 😀 and 🎉 party",
+               "the quick brown fox jumps over the lazy dog"]
 
 
 @lru_cache(maxsize=1)

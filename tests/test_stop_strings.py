@@ -38,8 +38,8 @@ def _push_all(tokenizer, tokens, params):
 
 
 @pytest.mark.parametrize("name", ["bpe", SMOLLM2])
-@pytest.mark.parametrize("text, stop, before", [("hello 世界 done", "世界", "hello "), ("emoji 😀 and", "😀", "emoji "),
-                                                ("party 🎉", " 🎉", "party")])
+@pytest.mark.parametrize("text, stop, before", [("hello 世界 done", "世界", "hello "),
+                                                ("emoji 😀 and", "😀", "emoji "), ("party 🎉", " 🎉", "party")])
 def test_multibyte_stop_strings_fire_token_by_token(name, text, stop, before):
     """Hardening #1: the search began after a trailing U+FFFD that the next token turned into the match's first
     character, so stop strings with multi-byte characters never fired on byte-level BPE."""

@@ -25,10 +25,10 @@ class SamplingParams:
     """How to sample one request's candidates.
 
     temperature 0 means greedy. top_k 0 and top_p 1 disable those filters. `stop` strings end a candidate
-    when its text contains one that completed after `min_tokens` tokens (the text is cut before it); a stop string
-    that is exactly a special token's text (e.g. "<|im_end|>", which decoding skips) matches that token.
-    `stop_token_ids` (plus the tokenizer's eos unless `ignore_eos`) end it with that token kept in `token_ids`. `logprobs` > 0 also returns that many top
-    logprobs per step. `seed` None draws a fresh seed, reported in the output.
+    when its text contains one that completed after `min_tokens` tokens (the text is cut before it); a stop
+    string that is exactly a special token's text (e.g. "<|im_end|>", which decoding skips) matches that token.
+    `stop_token_ids` (plus the tokenizer's eos unless `ignore_eos`) end it with that token kept in `token_ids`.
+    `logprobs` > 0 also returns that many top logprobs per step. `seed` None draws a fresh seed, reported in the output.
     """
 
     temperature: float = 1.0

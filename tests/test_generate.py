@@ -214,3 +214,31 @@ def test_hardened_generation_inputs(engine, call, message):
     """Hardening #2 and #7: bad token ids and an impossible max_tokens are clear errors, never silent."""
     with pytest.raises(GenerationError, match=message):
         call(engine)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.generate(["x"], sampling=SamplingParams(logprobs=105)),
+     "logprobs: expected at most the vocabulary size 104, found 105"),
+    (lambda e: e.generate(torch.tensor([[5, 6, 7]])), "expected a list of prompts .*, found a torch.Tensor"),
+    (lambda e: e.generate([torch.tensor([5, 6, 7])]), "prompt 0: expected a string or a list of token ids, "
+                                                      "found a torch.Tensor"),
+    (lambda e: e.generate((5, 6, 7)), "expected a list of prompts .*, found one prompt; wrap it in a list"),
+    (lambda e: e.generate(None), "expected a list of prompts .*, found None"),
+    (lambda e: e.generate(["x"], n=True), "n: expected an integer >= 1, found True"),
+    (lambda e: e.generate(["x"], n=2.0), "n: expected an integer >= 1, found 2.0"),
+    (lambda e: e.generate(["x"], sampling={"temperature": 0.7}),
+     "sampling: expected a SamplingParams or a list of them, found a dict"),
+    (lambda e: e.generate(["x"], sampling=[{"temperature": 0.7}]),
+     "sampling\\[0\\]: expected a SamplingParams, found a dict"),
+    (lambda e: SamplingParams(seed=1.5), "seed: expected an integer or None, found 1.5 \\(float\\)"),
+    (lambda e: SamplingParams(temperature="0.7"), "temperature: expected a number, found '0.7' \\(str\\)"),
+    (lambda e: SamplingParams(top_k=2.5), "top_k: expected an integer, found 2.5"),
+    (lambda e: SamplingParams(max_tokens=True), "max_tokens: expected an integer, found True"),
+    (lambda e: SamplingParams(ignore_eos="no"), "ignore_eos: expected True or False, found 'no'"),
+    (lambda e: SamplingParams(stop=("x", 5)), "stop: expected non-empty strings, found \\['x', 5\\]"),
+])
+def test_generation_arguments_of_the_wrong_kind(engine, call, message):
+    """Hardening #12: these were accepted (n=True, a dict of the prompts' length), or ended in a TypeError,
+    RuntimeError or a failing topk, instead of saying what was expected and found."""
+    with pytest.raises(GenerationError, match=message):
+        call(engine)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 import random
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from tqdm import tqdm
@@ -18,8 +17,10 @@ from ember.engine.cache import KVCache
 from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
-from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, sample
+from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
+from ember.engine.stop_strings import StopText, special_stop_ids
+from ember.engine.stream import StreamEvent
 from ember.engine.timers import StageTimer
 from ember.errors import AdapterError, GenerationError
 from ember.models.lora import (
@@ -77,49 +78,48 @@ class GenerationResult:
 
 @dataclass
 class _Request:
+    index: int
     prompt: list[int]
     params: SamplingParams
     seed: int
+    stop_ids: frozenset[int]  # stop_token_ids, the tokenizer's eos unless ignore_eos, special tokens in `stop`
 
 
 class _Candidate:
-    """Host-side state of one row while decoding."""
+    """Host-side state of one row while decoding. Its text is followed token by token (`StopText`) when stop
+    strings need searching or the text is streamed; otherwise it is decoded once at the end."""
 
-    def __init__(self, index: int, params: SamplingParams, stop_ids: frozenset[int]):
-        self.index, self.params, self.stop_ids = index, params, stop_ids
+    def __init__(self, request: int, index: int, params: SamplingParams, stop_ids: frozenset[int], tokenizer,
+                 follow_text: bool):
+        self.request, self.index, self.params, self.stop_ids = request, index, params, stop_ids
+        self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[dict[int, float]] = []
         self.finish_reason: str | None = None
-        self.text: str | None = None  # set when a stop string cut it
-        self._checked = 0  # text length already searched for stop strings
+        self.text = StopText(tokenizer, params.stop) if tokenizer is not None and (follow_text or params.stop) else None
 
-    def push(self, token: int, logprob: float, top: dict[int, float] | None, tokenizer) -> None:
+    def push(self, token: int, logprob: float, top: dict[int, float] | None) -> str:
+        """Record a drawn token and decide whether the candidate finished; returns the text it released."""
         self.tokens.append(token)
         self.logprobs.append(logprob)
         if top is not None:
             self.top.append(top)
         steps, params = len(self.tokens), self.params
-        if token in self.stop_ids and steps > params.min_tokens:
+        armed = steps > params.min_tokens
+        if self.text is not None and self.text.push(token, search=armed):
             self.finish_reason = "stop"
-        elif params.stop and steps > params.min_tokens and self._hit_stop_string(tokenizer):
+        elif token in self.stop_ids and armed:
             self.finish_reason = "stop"
         elif steps >= params.max_tokens:
             self.finish_reason = "length"
+        return self.text.release(final=self.finish_reason is not None) if self.text is not None else ""
 
-    def _hit_stop_string(self, tokenizer) -> bool:
-        text = tokenizer.decode(self.tokens)
-        begin = max(0, self._checked - max(len(s) for s in self.params.stop) + 1)
-        hits = [i for i in (text.find(s, begin) for s in self.params.stop) if i >= 0]
-        self._checked = len(text)
-        if hits:
-            self.text = text[:min(hits)]
-        return bool(hits)
-
-    def result(self, tokenizer) -> Completion:
-        text = self.text
-        if text is None:
-            text = tokenizer.decode(self.tokens) if tokenizer is not None else ""
+    def result(self) -> Completion:
+        if self.text is not None:
+            text = self.text.text  # complete: the candidate's last push released everything
+        else:
+            text = self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
         return Completion(self.index, self.tokens, text, self.logprobs, self.finish_reason or "length",
                           self.top if self.params.logprobs else None)
 
@@ -338,7 +338,6 @@ class Engine:
         cache.reset()
         return cache
 
-    @torch.inference_mode()
     def generate(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool | None = None, use_prefix_cache: bool = True) -> GenerationResult:
         """Generate `n` candidates for each prompt (text, or a list of token ids).
@@ -348,7 +347,24 @@ class Engine:
         by its candidates. Cached prefixes (across calls, and shared within the batch) are reused unless
         `use_prefix_cache` is False. Returns outputs in prompt order with a stage timing breakdown.
         """
-        requests = self._requests(prompts, n, sampling)
+        run = self._run(self._requests(prompts, n, sampling), n, progress, use_prefix_cache, stream=False)
+        while True:  # yields nothing when not streaming; the result is the generator's return value
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
+               use_prefix_cache: bool = True) -> Iterator[StreamEvent]:
+        """`generate`, yielding a StreamEvent per candidate and step as tokens are drawn: the same tokens as
+        `generate` for the same seeds, and per candidate, text deltas that join to its Completion.text. Bad
+        arguments raise here, before the first event."""
+        return self._run(self._requests(prompts, n, sampling), n, False, use_prefix_cache, stream=True)
+
+    @torch.inference_mode()
+    def _run(self, requests: list[_Request], n: int, progress, use_prefix_cache: bool, stream: bool):
+        """The generation loop behind `generate` and `stream`: yields StreamEvents when `stream`, returns the
+        GenerationResult."""
         timer = StageTimer(self.device)
         per_batch = max(1, self.max_batch_size // n)
         batches = [requests[i:i + per_batch] for i in range(0, len(requests), per_batch)]
@@ -360,7 +376,7 @@ class Engine:
         with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
                   leave=False) as bar, self._own_slots():
             for batch in batches:
-                outputs.extend(self._run_batch(batch, n, timer, bar, use_prefix_cache))
+                outputs.extend((yield from self._run_batch(batch, n, timer, bar, use_prefix_cache, stream)))
         timings = timer.totals()
         timings["total"] = time.perf_counter() - began
         generated = sum(len(c.token_ids) for out in outputs for c in out.completions)
@@ -373,14 +389,19 @@ class Engine:
                                 extra)
 
     def _requests(self, prompts, n: int, sampling) -> list[_Request]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            raise GenerationError("prompts: expected a list of prompts (strings or token-id lists), found one prompt")
-        if not isinstance(n, int) or n < 1:
+        expected = "prompts: expected a list of prompts (strings or token-id lists)"
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and is_integer(prompts[0])):
+            raise GenerationError(f"{expected}, found one prompt; wrap it in a list")
+        if not isinstance(prompts, (list, tuple)):
+            raise GenerationError(f"{expected}, found {_kind(prompts)}")
+        if not is_integer(n) or n < 1:
             raise GenerationError(f"n: expected an integer >= 1, found {n!r}")
         if not prompts:
             raise GenerationError("prompts: expected at least one prompt, found an empty list")
         if sampling is None or isinstance(sampling, SamplingParams):
             params = [sampling or SamplingParams()] * len(prompts)
+        elif not isinstance(sampling, (list, tuple)):
+            raise GenerationError(f"sampling: expected a SamplingParams or a list of them, found {_kind(sampling)}")
         elif len(sampling) == len(prompts):
             params = list(sampling)
         else:
@@ -388,13 +409,17 @@ class Engine:
         vocab = self.model.config.vocab_size
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if not isinstance(p, SamplingParams):
+                raise GenerationError(f"sampling[{i}]: expected a SamplingParams, found {_kind(p)}")
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise GenerationError("prompts: this model has no tokenizer; pass token-id lists, found text")
                 prompt = self.tokenizer.encode(prompt)
+            elif not isinstance(prompt, (list, tuple)):
+                raise GenerationError(f"prompt {i}: expected a string or a list of token ids, found {_kind(prompt)}")
             if not prompt:
                 raise GenerationError(f"prompt {i}: expected at least one token, found none")
-            bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+            bad = [t for t in prompt if not is_integer(t)]
             if bad:
                 raise GenerationError(f"prompt {i}: expected integer token ids, found {bad[:3]!r}")
             prompt = [int(t) for t in prompt]
@@ -404,21 +429,26 @@ class Engine:
                                       f"model's context length {limit}")
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise GenerationError(f"prompt {i}: token ids must be in [0, {vocab}), found {min(prompt)}..{max(prompt)}")
+            if p.logprobs > vocab:
+                raise GenerationError(f"SamplingParams.logprobs: expected at most the vocabulary size {vocab}, "
+                                      f"found {p.logprobs}")
             if p.stop and self.tokenizer is None:
                 raise GenerationError("SamplingParams.stop: stop strings need a tokenizer; this model has none")
+            eos = () if p.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
+            stop_ids = frozenset(p.stop_token_ids) | frozenset(eos)
+            if p.stop:
+                stop_ids |= special_stop_ids(p.stop, self.tokenizer)
             seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
-            requests.append(_Request(prompt, p, seed))
+            requests.append(_Request(i, prompt, p, seed, stop_ids))
         return requests
 
-    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        eos = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-        return frozenset(params.stop_token_ids) | frozenset(eos)
-
-    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool):
+    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool, stream: bool):
+        """Decode one batch to the end: yields each step's StreamEvents when `stream`, returns its outputs."""
         device, vocab = self.device, self.model.config.vocab_size
         max_new = max(r.params.max_tokens for r in requests)
         rows = [(r.params, candidate_seed(r.seed, j)) for r in requests for j in range(n)]
-        candidates = [_Candidate(j, r.params, self._stop_ids(r.params)) for r in requests for j in range(n)]
+        candidates = [_Candidate(r.index, j, r.params, r.stop_ids, self.tokenizer, stream)
+                      for r in requests for j in range(n)]
         knobs = RowKnobs.build(rows, device)
         banned = self._min_token_bans(candidates, vocab, device)
         ban_steps = max(c.params.min_tokens for c in candidates)  # steps during which some row bans stop tokens
@@ -439,9 +469,15 @@ class Engine:
                 drawn = sample(logits, knobs, step, banned=ban)
                 tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()
                 tops = _top_dicts(drawn)
-            for row, cand in enumerate(candidates):
-                if cand.finish_reason is None:
-                    cand.push(tokens[row], logprobs[row], tops[row] if tops else None, self.tokenizer)
+            events = []
+            with timer.stage("detokenize"):  # host side: stop tokens and strings, incremental text
+                for row, cand in enumerate(candidates):
+                    if cand.finish_reason is None:
+                        text = cand.push(tokens[row], logprobs[row], tops[row] if tops else None)
+                        if stream:
+                            events.append(StreamEvent(cand.request, cand.index, tokens[row], text, logprobs[row],
+                                                      cand.finish_reason))
+            yield from events  # outside the stages: the consumer's time is not the engine's
             bar.update(1)
             if all(c.finish_reason is not None for c in candidates):
                 bar.update(max_new - step - 1)
@@ -452,7 +488,7 @@ class Engine:
                 else:
                     step = append_step(cache, cache.batch, 1, logits="last")
                     logits = self.model.run(step, input_ids=drawn.tokens[:, None]).logits[:, -1]  # (B, V)
-        return [RequestOutput(r.prompt, r.seed, [c.result(self.tokenizer) for c in candidates[i * n:(i + 1) * n]])
+        return [RequestOutput(r.prompt, r.seed, [c.result() for c in candidates[i * n:(i + 1) * n]])
                 for i, r in enumerate(requests)]
 
     @staticmethod
@@ -465,6 +501,14 @@ class Engine:
             if cand.params.min_tokens:
                 banned[row, [t for t in cand.stop_ids if t < vocab]] = True
         return banned.to(device)
+
+
+def _kind(value) -> str:
+    """How an argument of the wrong kind reads in an error message: None, a list, a torch.Tensor, ..."""
+    if value is None:
+        return "None"
+    module = type(value).__module__
+    return f"a {'' if module == 'builtins' else module + '.'}{type(value).__qualname__}"
 
 
 def _top_dicts(drawn) -> list[dict[int, float]] | None:

@@ -25,9 +25,10 @@ class SamplingParams:
     """How to sample one request's candidates.
 
     temperature 0 means greedy. top_k 0 and top_p 1 disable those filters. `stop` strings end a candidate
-    when its text contains one (the text is cut before it); `stop_token_ids` (plus the tokenizer's eos unless
-    `ignore_eos`) end it with that token kept in `token_ids`. `logprobs` > 0 also returns that many top
-    logprobs per step. `seed` None draws a fresh seed, reported in the output.
+    when its text contains one that completed after `min_tokens` tokens (the text is cut before it); a stop
+    string that is exactly a special token's text (e.g. "<|im_end|>", which decoding skips) matches that token.
+    `stop_token_ids` (plus the tokenizer's eos unless `ignore_eos`) end it with that token kept in `token_ids`.
+    `logprobs` > 0 also returns that many top logprobs per step. `seed` None draws a fresh seed, reported in the output.
     """
 
     temperature: float = 1.0
@@ -42,6 +43,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        kinds = [("temperature", is_number, "a number"), ("top_p", is_number, "a number"),
+                 ("top_k", is_integer, "an integer"), ("max_tokens", is_integer, "an integer"),
+                 ("min_tokens", is_integer, "an integer"), ("logprobs", is_integer, "an integer"),
+                 ("ignore_eos", lambda v: isinstance(v, bool), "True or False"),
+                 ("seed", lambda v: v is None or is_integer(v), "an integer or None")]
+        for name, ok, expected in kinds:
+            if not ok(getattr(self, name)):
+                value = getattr(self, name)
+                raise GenerationError(f"SamplingParams.{name}: expected {expected}, found {value!r} "
+                                      f"({type(value).__name__})")
         checks = [
             ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
@@ -53,11 +64,13 @@ class SamplingParams:
         for name, ok, expected in checks:
             if not ok:
                 raise GenerationError(f"SamplingParams.{name}: expected {expected}, found {getattr(self, name)!r}")
-        if isinstance(self.stop, str) or isinstance(self.stop_token_ids, int):
-            raise GenerationError("SamplingParams.stop / stop_token_ids: expected a tuple, found a single value")
-        if any(not s for s in self.stop):
-            raise GenerationError("SamplingParams.stop: expected non-empty strings, found an empty one")
-        bad = [t for t in self.stop_token_ids if not _is_token_id(t)]
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise GenerationError(f"SamplingParams.{name}: expected a tuple, found {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError(f"SamplingParams.stop: expected non-empty strings, found {list(self.stop)!r}")
+        bad = [t for t in self.stop_token_ids if not is_integer(t) or t < 0]
         if bad:
             raise GenerationError(f"SamplingParams.stop_token_ids: expected integer token ids >= 0, found {bad}")
 
@@ -66,9 +79,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_token_id(value) -> bool:
-    """An integer (not a bool) >= 0: what a token id may be."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+def is_integer(value) -> bool:
+    """An integer that is not a bool (True is an int to Python, never a count or a token id here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def splitmix64(value: int) -> int:

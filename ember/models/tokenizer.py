@@ -38,6 +38,11 @@ class CharTokenizer:
         offset = len(self.SPECIALS)
         return "".join(self.alphabet[i - offset] for i in ids if offset <= i < self.vocab_size)
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the special tokens, which `decode` skips."""
+        return {text: i for i, text in enumerate(self.SPECIALS)}
+
     def save(self, directory: Path) -> None:
         (Path(directory) / CHAR_TOKENIZER_FILE).write_text(json.dumps({"type": "char", "alphabet": self.alphabet}))
 
@@ -62,6 +67,11 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the special tokens, which `decode` skips."""
+        return {token.content: i for i, token in self.hf.added_tokens_decoder.items() if token.special}
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat messages with the model's template, ready for generation."""

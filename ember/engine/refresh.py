@@ -31,31 +31,62 @@ def _boundary_index(prefix_cache, layer: int) -> int:
 @torch.inference_mode()
 def recompute_from_boundary(model, prefix_cache, fingerprint: str, layer: int) -> int:
     """Recompute the K/V of layers [layer, L) of every cached block of the model `fingerprint` from the stored
-    input hidden states of `layer`. Returns the number of tokens recomputed (each once)."""
-    config = model.config
-    if layer >= config.num_layers:
+    input hidden states of `layer`. Returns the number of tokens recomputed (each block once).
+
+    Chains run batched, in waves: a wave takes every chain none of whose blocks to do another chain of the wave
+    also needs, so a shared prefix is computed once (in the first wave) and the chains below it together next.
+    """
+    if layer >= model.config.num_layers:
         return 0
     index = _boundary_index(prefix_cache, layer)
-    size, done, tokens = prefix_cache.block_size, set(), 0
-    for chain in prefix_cache.paths(fingerprint):
-        first = next((d for d, block in enumerate(chain) if block.key not in done), len(chain))
-        todo = chain[first:]
-        if not todo:
-            continue
-        reused = first * size
-        cache = KVCache(config, 1, reused + len(todo) * size, model.output_weight.dtype, model.output_weight.device)
-        if reused:
-            cache.load(slice(0, 1), 0, torch.cat([b.kv for b in chain[:first]], dim=3), reused)  # refreshed above
-            cache.skip_to(reused)
-        hidden = torch.cat([b.hidden[index] for b in todo], dim=0)[None]  # (1, T, hidden)
-        step = append_step(cache, 1, hidden.shape[1], layers=(layer, config.num_layers), logits="none")
-        model.run(step, hidden=hidden)
-        fresh = cache.storage[layer:, :, 0, :, reused:]  # (L - layer, 2, H, T, D)
-        for offset, block in enumerate(todo):
-            block.kv[layer:] = fresh[:, :, :, offset * size:(offset + 1) * size]
-            done.add(block.key)
-        tokens += len(todo) * size
+    done, tokens = set(), 0
+    pending = prefix_cache.paths(fingerprint)
+    while pending:
+        wave, claimed, later = [], set(), []
+        for chain in pending:
+            first = next((d for d, block in enumerate(chain) if block.key not in done), len(chain))
+            todo = {block.key for block in chain[first:]}
+            if not todo:
+                continue
+            if todo & claimed:
+                later.append(chain)
+            else:
+                claimed |= todo
+                wave.append((chain, first))
+        tokens += _recompute_wave(model, prefix_cache, wave, layer, index)
+        done |= claimed
+        pending = later
     return tokens
+
+
+def _recompute_wave(model, prefix_cache, wave, layer: int, index: int) -> int:
+    """One batched pass of layers [layer, L) over the chains of a wave, each (chain, first block to do).
+
+    Slot layout per row, as in prefill: [pad | refreshed prefix | pad | blocks to do], prefixes right-aligned
+    below `head` and the blocks to do left-padded to `width`; each row's positions continue its prefix.
+    """
+    config, size = model.config, prefix_cache.block_size
+    weight = model.output_weight
+    reused = [first * size for _, first in wave]
+    todo = [len(chain) * size - r for (chain, _), r in zip(wave, reused)]
+    head, width = max(reused), max(todo)
+    cache = KVCache(config, len(wave), head + width, weight.dtype, weight.device)
+    hidden = torch.zeros(len(wave), width, config.hidden_size, dtype=weight.dtype, device=weight.device)
+    valid = torch.zeros(len(wave), width, dtype=torch.bool, device=weight.device)  # (n, W)
+    for row, ((chain, first), prefix, count) in enumerate(zip(wave, reused, todo)):
+        if prefix:
+            kv = torch.cat([b.kv for b in chain[:first]], dim=3)  # (L, 2, H, prefix, D), refreshed already
+            cache.load(slice(row, row + 1), head - prefix, kv, prefix)
+        hidden[row, width - count:] = torch.cat([b.hidden[index] for b in chain[first:]], dim=0)
+        valid[row, width - count:] = True
+    cache.skip_to(head)
+    step = append_step(cache, len(wave), width, valid, layers=(layer, config.num_layers), logits="none")
+    model.run(step, hidden=hidden)
+    for row, ((chain, first), count) in enumerate(zip(wave, todo)):
+        fresh = cache.storage[layer:, :, row, :, head + width - count:]  # (L - layer, 2, H, count, D)
+        for offset, block in enumerate(chain[first:]):
+            block.kv[layer:] = fresh[:, :, :, offset * size:(offset + 1) * size]
+    return sum(todo)
 
 
 def lora_delta(old: LoraAdapter | None, new: LoraAdapter | None, name: str, dtype=torch.float32):
@@ -85,39 +116,38 @@ def correct_with_delta(model, prefix_cache, fingerprint: str, old: LoraAdapter |
     states. Models with a key norm (qwen3) get their keys recomputed through the new k projection (the norm is
     not linear); values are always corrected with the delta. Returns tokens x layers corrected."""
     config, size = model.config, prefix_cache.block_size
-    blocks = {b.key: b for b in prefix_cache.blocks(fingerprint)}
-    depth = {}
-    for chain in prefix_cache.paths(fingerprint):
-        depth.update({block.key: d for d, block in enumerate(chain)})
-    work = 0
+    first_token = {block.key: d * size for chain in prefix_cache.paths(fingerprint) for d, block in enumerate(chain)}
+    blocks = prefix_cache.blocks(fingerprint)  # each once
+    starts = [first_token[block.key] for block in blocks]
+    if not blocks:
+        return 0
+    device = blocks[0].kv.device
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)  # (n, block)
+    cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)  # (n, 1, block, D)
     for layer in layers:
         index = _boundary_index(prefix_cache, layer)
         attention = model.model.layers[layer].self_attn
-        norm = model.model.layers[layer].input_layernorm
+        x = model.model.layers[layer].input_layernorm(torch.stack([b.hidden[index] for b in blocks]))  # (n, block, h)
         deltas = {p: lora_delta(old, new, f"model.layers.{layer}.self_attn.{p}") for p in ("k_proj", "v_proj")}
-        for key, block in blocks.items():
-            x = norm(block.hidden[index])  # (block, hidden): the projections' input
-            positions = torch.arange(depth[key] * size, (depth[key] + 1) * size, device=x.device)[None]  # (1, block)
-            cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
-            if attention.k_norm is not None and deltas["k_proj"] is not None:
-                flat = attention.k_proj(x)  # (block, H * D): the new adapter is bound, the full new projection
-                k = attention.k_norm(flat.view(size, config.num_kv_heads, config.head_dim)).transpose(0, 1)
-                block.kv[layer, 0] = apply_rope(k[None], cos.to(k.dtype), sin.to(k.dtype))[0]  # (H, block, D)
-            elif deltas["k_proj"] is not None:
-                change = _heads(_low_rank(x, deltas["k_proj"]), config)  # (H, block, D)
-                block.kv[layer, 0] += apply_rope(change[None], cos, sin)[0].to(block.kv.dtype)
-            if deltas["v_proj"] is not None:
-                block.kv[layer, 1] += _heads(_low_rank(x, deltas["v_proj"]), config).to(block.kv.dtype)
-            work += size
-    return work
+        keys = [b.kv[layer, 0] for b in blocks]  # views (H, block, D)
+        if attention.k_norm is not None and deltas["k_proj"] is not None:
+            k = attention.k_norm(_split_heads(attention.k_proj(x), config))  # new adapter bound: the full projection
+            torch._foreach_copy_(keys, list(apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)).unbind(0)))
+        elif deltas["k_proj"] is not None:
+            change = apply_rope(_split_heads(_low_rank(x, deltas["k_proj"]), config), cos, sin)  # (n, H, block, D)
+            torch._foreach_add_(keys, list(change.to(keys[0].dtype).unbind(0)))
+        if deltas["v_proj"] is not None:
+            change = _split_heads(_low_rank(x, deltas["v_proj"]), config)  # (n, H, block, D)
+            torch._foreach_add_([b.kv[layer, 1] for b in blocks], list(change.to(keys[0].dtype).unbind(0)))
+    return len(blocks) * size * len(layers)
 
 
 def _low_rank(x: torch.Tensor, delta) -> torch.Tensor:
-    """delta_B (delta_A x) in fp32: (block, out)."""
+    """delta_B (delta_A x) in fp32: (..., out)."""
     a, b = delta
     return (x.float() @ a.to(x.device).t()) @ b.to(x.device).t()
 
 
-def _heads(flat: torch.Tensor, config) -> torch.Tensor:
-    """(block, H * D) -> (H, block, D)."""
-    return flat.view(flat.shape[0], config.num_kv_heads, config.head_dim).transpose(0, 1).float()
+def _split_heads(flat: torch.Tensor, config) -> torch.Tensor:
+    """(n, block, H * D) -> (n, H, block, D)."""
+    return flat.view(*flat.shape[:2], config.num_kv_heads, config.head_dim).transpose(1, 2)

@@ -53,24 +53,34 @@ def measured_vs_bound(summary, x: str, y: str, bound: str, hue: str, title: str,
 
 
 def locality_tradeoff(summary, recommended: dict, title: str):
-    """fig4: work and time saved by UpdateLocality(N) vs Naive (left) and the reward change vs training every
-    layer (right) against the frozen depth, with the recommended range shaded and the failure boundary marked."""
+    """fig4: work and time saved by UpdateLocality(N) vs Naive and vs PrefixOnly (left), and the reward change vs
+    training every layer with the held-out accuracy (right), against the frozen depth; the recommended range
+    shaded and the failure boundary marked."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     ul = summary[summary["policy"] == "UpdateLocality"].sort_values("frozen_pct")
-    left.plot(ul["frozen_pct"], ul["tokens_layers_saved_pct"], marker="o", label="tokens x layers saved")
-    left.plot(ul["frozen_pct"], ul["prefill_saved_pct"], marker="s", label="prefill time saved")
+    for suffix, style, against in (("", "-", "Naive"), ("_vs_prefix_only", "--", "PrefixOnly")):
+        if ul.get(f"tokens_layers_saved_pct{suffix}") is None or ul[f"tokens_layers_saved_pct{suffix}"].isna().all():
+            continue
+        left.plot(ul["frozen_pct"], ul[f"tokens_layers_saved_pct{suffix}"], style, marker="o", color="C0",
+                  label=f"tokens x layers saved vs {against}")
+        left.plot(ul["frozen_pct"], ul[f"prefill_saved_pct{suffix}"], style, marker="s", color="C1",
+                  label=f"prefill time saved vs {against}")
+    left.axhline(0, color="0.6", linewidth=0.8)
     left.set_xlabel("frozen depth N (% of layers)")
-    left.set_ylabel("saved vs Naive (%)")
-    left.legend(fontsize=7, frameon=False)
-    right.plot(ul["frozen_pct"], ul["reward_change"], marker="o", color="C2", label="rollout reward")
+    left.set_ylabel("saved (%)")
+    left.legend(fontsize=6, frameon=False)
+    right.plot(ul["frozen_pct"], ul["reward_change"], marker="o", color="C2", label="rollout reward change")
+    right.plot(ul["frozen_pct"], ul["eval_accuracy"], marker="^", linestyle=":", color="C4",
+               label="held-out accuracy")
     right.axhline(0, color="0.6", linewidth=0.8)
     right.set_xlabel("frozen depth N (% of layers)")
-    right.set_ylabel("reward change vs training all layers")
+    right.set_ylabel("vs training all layers / accuracy")
+    right.legend(fontsize=6, frameon=False)
     low, high = recommended.get("recommended_low_pct"), recommended.get("recommended_high_pct")
     for ax in (left, right):
         if low is not None:
-            ax.axvspan(low, high, color="C2", alpha=0.08, label=None)
+            ax.axvspan(low, high, color="C2", alpha=0.08)
         if recommended.get("failure_pct") is not None:
             ax.axvline(recommended["failure_pct"], color="firebrick", linestyle="--", linewidth=1)
     right.set_title("shaded: recommended N; dashed: failure boundary", fontsize=8)
@@ -81,7 +91,7 @@ def locality_tradeoff(summary, recommended: dict, title: str):
 
 def stale_errors(summary, per_layer, title: str):
     """fig5: last-layer key error against updates since the last refresh, one line per replay (left, log scale),
-    and the per-layer key and value error after the last update for the stale-reuse replays (right)."""
+    and the per-layer key and value error of the replays in `per_layer` at their stalest update (right)."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.8, 3.4))
     labels = sorted(summary["label"].unique())
@@ -101,7 +111,7 @@ def stale_errors(summary, per_layer, title: str):
         right.plot(part["layer"], part["v_rel_l2"], color=colors.get(name), linestyle="--", label=f"{name} V")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("layer")
-    right.set_ylabel("relative L2 error after the last update")
+    right.set_ylabel("relative L2 error, most updates since refresh")
     right.legend(fontsize=6, frameon=False)
     fig.suptitle(title)
     fig.tight_layout()

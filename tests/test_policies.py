@@ -153,7 +153,7 @@ def test_updatable_kv_flushes_every_k_and_only_corrects_changed_kv_layers():
     engine = _engine()
     trainer = _trainer(engine, layers=(1, 2), targets=("k_proj", "up_proj"))
     runner = _replay(engine, UpdatableKV(3), trainer, updates=2)
-    assert runner.last_update["decision"] == "rccrrr" and runner.stats.flushes == 0
+    assert runner.last_update["decision"] == ".CC..." and runner.stats.flushes == 0
     trainer.step(_examples(engine.tokenizer))
     runner.update(trainer.adapter)
     assert runner.stats.flushes == 1 and len(runner.prefix_cache) == 0
@@ -218,3 +218,33 @@ def test_policies_on_cuda_against_a_fresh_recompute(family):
     _replay(engine, UpdatableKV(10), _trainer(engine, layers=(2, 3, 4, 5)))
     errors = _errors(engine)
     assert errors["k_rel_l2"][2] < 1e-5 and errors["v_rel_l2"][2] < 1e-5 and errors["v_rel_l2"][4] > 0
+
+
+def test_update_locality_is_exact_on_a_branching_prefix_tree_with_short_prompts_and_evictions():
+    """Chains of different reused depths in one recompute wave, a prompt shorter than a block, and blocks
+    evicted between updates (a small byte budget): still equal to a fresh recompute."""
+    engine = _engine()
+    base = SHARED + "Branch X holds a longer note. "
+    prompts = [base + "Leaf one: Dana is 52.", base + "Leaf two: Eli is 33.", SHARED + "Y: Finn.", "Hi."]
+    runner = PolicyRunner(engine, UpdateLocality(2), block_size=8, max_bytes=200_000)
+    sampling = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    runner.generate(prompts, 1, sampling)
+    assert runner.prefix_cache.stats.evictions > 0
+    trainer = _trainer(engine, layers=(2, 3, 4, 5))
+    for _ in range(2):
+        trainer.step(_examples(engine.tokenizer))
+        runner.update(trainer.adapter)
+        reference = fresh_reference(engine, prompts, SPEC)
+        errors = probe(engine, prompts, reference, SPEC)
+        assert max(errors["k_rel_l2"] + errors["v_rel_l2"]) < 1e-5 and errors["greedy_agreement"] == 1.0
+        runner.generate(prompts, 1, sampling)
+
+
+def test_a_recompute_from_stale_inputs_is_refused():
+    class LateRecompute(CachePolicy):
+        def decide(self, update):
+            return Decision(("reuse",) * 4 + ("recompute",) * (update.num_layers - 4))
+
+    engine = _engine()
+    with pytest.raises(PolicyError, match="exact only below layer 2"):
+        _replay(engine, LateRecompute(), _trainer(engine, layers=(2, 3, 4, 5)), updates=1)

@@ -3,7 +3,7 @@ budget resume from the stored cells with the same numbers, and UpdateLocality's 
 
 import pytest
 
-from ember.errors import ReportError
+from ember.errors import ParamsError, ReportError
 from ember.experiments import stale_kv, update_locality
 from ember.params import load_params
 from ember.train import sft
@@ -41,7 +41,7 @@ def test_fig5_errors_are_zero_right_after_a_refresh_and_grow_when_stale():
 
 
 def test_fig4_trajectory_is_replayed_not_retrained_and_update_locality_is_exact(monkeypatch):
-    params = load_params("fig4", "smoke", {"frozen_fractions": [0.5]})
+    params = load_params("fig4", "smoke", {"frozen_fractions": [0.0, 0.5]})
     df, _ = update_locality.run(params)
     assert df["same_tokens_as_naive"].all()
     monkeypatch.setattr(sft.SFTTrainer, "step", lambda self, batch: pytest.fail("trained again"))
@@ -49,7 +49,12 @@ def test_fig4_trajectory_is_replayed_not_retrained_and_update_locality_is_exact(
         cell.unlink()  # the cell runs again: only its trajectory may come from disk
     again, _ = update_locality.run(params)
     assert again["reward"].tolist() == df["reward"].tolist()
-    summary = update_locality.summarize(df)
-    ul = summary[summary["policy"] == "UpdateLocality"].iloc[0]
-    assert ul["tokens_layers_saved_pct"] > 0
-    assert update_locality.recommendation(summary, 0.05)["failure_pct"] is None
+    summary = update_locality.summarize(df).set_index(["frozen_fraction", "policy"])
+    assert summary.loc[(0.5, "UpdateLocality"), "tokens_layers_saved_pct"] > 0
+    assert summary.loc[(0.5, "UpdateLocality"), "tokens_layers_saved_pct_vs_prefix_only"] > 0  # locality itself
+    assert summary.loc[(0.0, "Naive"), "reward_change"] == 0.0
+
+
+def test_fig4_needs_training_every_layer_as_its_reference():
+    with pytest.raises(ParamsError, match="expected 0.0 among them"):
+        load_params("fig4", "smoke", {"frozen_fractions": [0.5]})

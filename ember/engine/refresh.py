@@ -29,12 +29,13 @@ def _boundary_index(prefix_cache, layer: int) -> int:
 
 
 @torch.inference_mode()
-def recompute_from_boundary(model, prefix_cache, fingerprint: str, layer: int) -> int:
+def recompute_from_boundary(model, prefix_cache, fingerprint: str, layer: int, max_rows: int = 64) -> int:
     """Recompute the K/V of layers [layer, L) of every cached block of the model `fingerprint` from the stored
     input hidden states of `layer`. Returns the number of tokens recomputed (each block once).
 
-    Chains run batched, in waves: a wave takes every chain none of whose blocks to do another chain of the wave
-    also needs, so a shared prefix is computed once (in the first wave) and the chains below it together next.
+    Chains run batched, in waves: a wave takes up to `max_rows` chains none of whose blocks to do another chain
+    of the wave also needs, so a shared prefix is computed once (in the first wave) and the chains below it
+    together next.
     """
     if layer >= model.config.num_layers:
         return 0
@@ -48,7 +49,7 @@ def recompute_from_boundary(model, prefix_cache, fingerprint: str, layer: int) -
             todo = {block.key for block in chain[first:]}
             if not todo:
                 continue
-            if todo & claimed:
+            if todo & claimed or len(wave) == max_rows:
                 later.append(chain)
             else:
                 claimed |= todo
@@ -114,13 +115,14 @@ def correct_with_delta(model, prefix_cache, fingerprint: str, old: LoraAdapter |
                        layers: list[int]) -> int:
     """Correct the cached K and V of `layers` for the adapter change old -> new from their stored input hidden
     states. Models with a key norm (qwen3) get their keys recomputed through the new k projection (the norm is
-    not linear); values are always corrected with the delta. Returns tokens x layers corrected."""
+    not linear); values are always corrected with the delta. The delta is computed in fp32 and added in the
+    cache's dtype (exact in fp32; bf16 caches round once more). Returns tokens x layers corrected."""
     config, size = model.config, prefix_cache.block_size
-    first_token = {block.key: d * size for chain in prefix_cache.paths(fingerprint) for d, block in enumerate(chain)}
-    blocks = prefix_cache.blocks(fingerprint)  # each once
-    starts = [first_token[block.key] for block in blocks]
+    blocks = prefix_cache.blocks(fingerprint)  # each once, parents first
     if not blocks:
         return 0
+    first_token = {block.key: d * size for chain in prefix_cache.paths(fingerprint) for d, block in enumerate(chain)}
+    starts = [first_token[block.key] for block in blocks]
     device = blocks[0].kv.device
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)  # (n, block)
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)  # (n, 1, block, D)

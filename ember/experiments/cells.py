@@ -1,6 +1,6 @@
 """Resumable grids: each finished cell of a run is stored under reports/<target>/cells/, keyed by a hash of the
-run's params (all but the time budget) and the cell, so a long run can be finished in pieces (each under a time budget) and cells of
-other params never mix in."""
+run's params (all but the time budget), of ember's source code and of the cell, so a long run can be finished
+in pieces (each under a time budget), while cells of other params or made by other code never mix in."""
 
 from __future__ import annotations
 
@@ -8,25 +8,39 @@ import dataclasses
 import hashlib
 import json
 import time
+from pathlib import Path
+from typing import Callable
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ember.errors import ReportError
 from ember.report import atomic_write, report_dir
 
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def code_hash() -> str:
+    """sha256 over the paths and contents of ember's Python sources."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(f"{path.relative_to(PACKAGE)}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
 
 class CellStore:
-    """Finished cells of one run. `time_budget_s` > 0: `check_budget` stops the run (a ReportError saying how far
-    it got) once that many seconds have passed since the store was made; finished cells stay stored."""
+    """Finished cells of one run. `time_budget_s` > 0 stops the run (a ReportError saying how far it got) once that
+    many seconds have passed since the store was made and cells remain; finished cells stay stored."""
 
     def __init__(self, params, time_budget_s: float = 0.0):
         fields = {k: v for k, v in dataclasses.asdict(params).items() if k != "time_budget_s"}  # not a result
-        values = json.dumps(fields, sort_keys=True, default=str)
+        values = json.dumps({"params": fields, "code": code_hash()}, sort_keys=True, default=str)
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()
 
-    def _path(self, cell: str):
+    def _path(self, cell: str) -> Path:
         return self.folder / f"{self.run_key}-{hashlib.sha256(cell.encode()).hexdigest()[:12]}.csv"
 
     def load(self, cell: str) -> pd.DataFrame | None:
@@ -35,10 +49,21 @@ class CellStore:
         return pd.read_csv(path) if path.exists() else None
 
     def save(self, cell: str, df: pd.DataFrame) -> None:
+        """Store a finished cell's rows (atomically)."""
         atomic_write(self._path(cell), df.to_csv(index=False))
 
-    def check_budget(self, finished: int, total: int) -> None:
-        """Raise once the time budget is spent and cells remain."""
-        if self.budget > 0 and finished < total and time.perf_counter() - self.began > self.budget:
-            raise ReportError(f"{self.target}: {finished} of {total} cells finished within time_budget_s="
-                              f"{self.budget:g}; they are stored in {self.folder}: run again to continue")
+    def run(self, cells: dict[str, Callable[[], pd.DataFrame]], progress: bool | None = None) -> pd.DataFrame:
+        """Every cell's rows, in order: loaded when stored, else computed and stored; after each cell the time
+        budget is checked."""
+        frames = []
+        for done, (cell, compute) in enumerate(tqdm(cells.items(), desc=self.target,
+                                                     disable=None if progress is None else not progress)):
+            frame = self.load(cell)
+            if frame is None:
+                frame = compute()
+                self.save(cell, frame)
+            frames.append(frame)
+            if self.budget > 0 and done + 1 < len(cells) and time.perf_counter() - self.began > self.budget:
+                raise ReportError(f"{self.target}: {done + 1} of {len(cells)} cells finished within time_budget_s="
+                                  f"{self.budget:g}; they are stored in {self.folder}: run again to continue")
+        return pd.concat(frames, ignore_index=True)

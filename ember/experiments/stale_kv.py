@@ -66,17 +66,10 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     device = resolve_device(params.device)
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed, progress=False)
     workload = extraction_set(engine.tokenizer, params.prompts, params.seed)
-    store = CellStore(params, params.time_budget_s)
-    frames = []
-    for done, rank in enumerate(tqdm(params.ranks, desc=params.target, disable=None if progress is None else not progress)):
-        cell = f"rank={rank}"
-        frame = store.load(cell)
-        if frame is None:
-            frame = _cell(engine, workload, params, rank, progress)
-            store.save(cell, frame)
-        frames.append(frame)
-        store.check_budget(done + 1, len(params.ranks))
-    return pd.concat(frames, ignore_index=True), engine.provenance
+    cells = {f"rank={rank}": (lambda rank=rank: _cell(engine, workload, params, rank, progress))
+             for rank in params.ranks}
+    df = CellStore(params, params.time_budget_s).run(cells, progress)
+    return df, engine.provenance
 
 
 def _cell(engine, workload, params: Params, rank: int, progress) -> pd.DataFrame:
@@ -142,22 +135,41 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return per_update
 
 
+def stalest(summary: pd.DataFrame, quality: bool = False) -> pd.DataFrame:
+    """Per (rank, replay): the update with the most updates since its last refresh (the latest among ties), or,
+    with `quality`, the same among the updates where greedy agreement and reward were probed. A replay's last
+    update can be a refresh (k dividing `updates`), so this, not the last update, shows what reuse costs."""
+    rows = summary.dropna(subset=["greedy_agreement"]) if quality else summary
+    ordered = rows.sort_values(["since_refresh", "update"])
+    return ordered.groupby(["rank", "label"], as_index=False).tail(1).sort_values(["rank", "label"])
+
+
+def layer_errors(df: pd.DataFrame, summary: pd.DataFrame, rank: int) -> pd.DataFrame:
+    """Per-layer K and V errors of every replay of `rank` at its stalest update, with the replay's label."""
+    points = stalest(summary[summary["rank"] == rank])[["rank", "policy", "k", "update", "label"]]
+    return df.merge(points, on=["rank", "policy", "k", "update"])
+
+
 def macros(summary: pd.DataFrame, target: str = "fig5", at_update: int = 10) -> dict:
-    """Last-layer K and V errors and KL of each replay after `at_update` updates (or the last update there is),
-    per rank; final greedy agreement and reward change vs fresh."""
+    """Last-layer K and V errors (%) and KL of each replay after `at_update` updates (or the last there is), per
+    rank; the same at each replay's stalest update; greedy agreement (%) and reward change vs fresh at the
+    stalest probed update."""
     values = {}
     point = min(at_update, int(summary["update"].max()))
+
+    def name(row, *what):
+        return macro_name(target, *what, "rank", row.rank, row.policy, "" if pd.isna(row.k) else f"k {int(row.k)}")
+
     for row in summary[summary["update"] == point].itertuples():
-        name = ("rank", row.rank, row.policy, "" if pd.isna(row.k) else f"k {int(row.k)}")
-        values[macro_name(target, "k err last", *name)] = 100 * row.k_err_last
-        values[macro_name(target, "v err last", *name)] = 100 * row.v_err_last
-        values[macro_name(target, "kl", *name)] = row.kl
-    end = summary[summary["update"] == summary["update"].max()]
-    for row in end.itertuples():
-        name = ("rank", row.rank, row.policy, "" if pd.isna(row.k) else f"k {int(row.k)}")
-        if not pd.isna(row.greedy_agreement):
-            values[macro_name(target, "agreement", *name)] = 100 * row.greedy_agreement
+        values[name(row, "k err last")] = 100 * row.k_err_last
+        values[name(row, "v err last")] = 100 * row.v_err_last
+        values[name(row, "kl")] = row.kl
+    for row in stalest(summary).itertuples():
+        values[name(row, "stalest k err last")] = 100 * row.k_err_last
+        values[name(row, "stalest updates")] = int(row.since_refresh)
+    for row in stalest(summary, quality=True).itertuples():
+        values[name(row, "agreement")] = 100 * row.greedy_agreement
         if not pd.isna(row.reward):
-            values[macro_name(target, "reward change", *name)] = row.reward - row.reward_fresh
+            values[name(row, "reward change")] = row.reward - row.reward_fresh
     values[macro_name(target, "macro update")] = point
     return values

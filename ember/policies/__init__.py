@@ -1,5 +1,7 @@
 """Cache policies across LoRA updates (DESIGN.md section 7), the runner that applies them, and error probes."""
 
+import re
+
 from ember.policies.base import CORRECT, RECOMPUTE, REUSE, CachePolicy, Decision, PolicyError, Update
 from ember.policies.keep_stale import KeepStale
 from ember.policies.naive import Naive
@@ -23,6 +25,6 @@ def make_policy(spec: str) -> CachePolicy:
     if name not in makers:
         raise PolicyError(f"policy: expected one of {sorted(makers)} (with ':<int>' where it takes one), found {spec!r}")
     takes_arg = name in ("update_locality", "periodic_refresh", "updatable_kv")
-    if takes_arg != bool(arg) or (arg and not arg.isdigit()):
+    if takes_arg != bool(arg) or (arg and not re.fullmatch(r"[0-9]+", arg)):
         raise PolicyError(f"policy {spec!r}: expected {name + ':<int>' if takes_arg else name}")
     return makers[name](int(arg)) if takes_arg else makers[name]()

@@ -66,9 +66,11 @@ class CachePolicy:
         return type(self).__name__
 
     def boundary_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers whose input hidden states every cached block must store for this policy (none by default)."""
         return ()
 
     def decide(self, update: Update) -> Decision:
+        """What to do with the cached prefixes after `update`."""
         raise NotImplementedError
 
 

@@ -22,12 +22,13 @@ ADAPTER_NAME = "policy"  # the one resident adapter a runner keeps (the current 
 class PolicyStats:
     """What a policy paid and kept since the runner started. tokens x layers count the K/V work per layer."""
 
-    hits: int = 0  # prompt lookups that reused cached blocks
-    misses: int = 0  # prompt lookups that reused nothing
+    hits: int = 0  # prefix-cache lookups (prompts, and shared prefixes warmed once) that reused cached blocks
+    misses: int = 0  # lookups that reused nothing (without a prefix cache: every prompt)
     prompt_tokens: int = 0
     tokens_layers_recomputed: int = 0  # prefill of tokens not reused (x all layers) + recomputes after updates
     tokens_layers_corrected: int = 0  # low-rank corrections after updates
-    tokens_layers_stale: int = 0  # cached K/V reused past an update that changed it (summed over updates)
+    tokens_layers_stale: int = 0  # cached K/V kept inexact at an update (reused stale, or corrected from stale
+    # inputs), summed over updates
     prefill_s: float = 0.0  # generation prefill plus the refresh work done at updates
     refresh_s: float = 0.0  # the part of prefill_s spent at updates
     updates: int = 0
@@ -35,11 +36,13 @@ class PolicyStats:
     bytes_held: int = 0  # prefix cache K/V and boundary states held now
 
     def as_dict(self) -> dict:
+        """The counters as a plain dict."""
         return asdict(self)
 
 
 class PolicyRunner:
-    """Generation and adapter updates under `policy` on `engine` (whose prefix cache it replaces)."""
+    """Generation and adapter updates under `policy` on `engine`. The engine's prefix cache is replaced by one
+    shaped for the policy (boundary states where it needs them); the engine's own adapter slots are used."""
 
     def __init__(self, engine, policy: CachePolicy, block_size: int = 16, max_bytes: int = 1 << 30):
         if not isinstance(policy, CachePolicy):
@@ -49,6 +52,7 @@ class PolicyRunner:
         engine.prefix_cache = (PrefixCache(block_size, max_bytes, policy.boundary_layers(self.num_layers))
                                if policy.caches else None)
         self.stats = PolicyStats()
+        self.exact_depth = self.num_layers  # cached K/V (and boundary states) of layers below this are exact
         self.last_update: dict = {}
 
     @property
@@ -101,34 +105,46 @@ class PolicyRunner:
         if update.before.model != update.after.model or decision.drop:
             dropped = cache.invalidate()
             self.stats.flushes += 1
-            return {"decision": "drop", "blocks_dropped": dropped}
-        recompute, correct, stale = self._layers(decision, update)
+            self.exact_depth = self.num_layers
+            return {"decision": "drop", "blocks_dropped": dropped, "exact_depth": self.exact_depth}
+        recompute, correct, inexact = self._layers(decision, update)
         dropped = cache.invalidate(update.before)  # blocks made under other weights: no decision covers them
         fingerprint = update.after.model
         cached_tokens = len(cache.blocks(fingerprint)) * cache.block_size
         with self.engine._own_slots():  # the new adapter bound, as in generation
             if recompute:
-                tokens = recompute_from_boundary(self.engine.model, cache, fingerprint, recompute[0])
+                tokens = recompute_from_boundary(self.engine.model, cache, fingerprint, recompute[0],
+                                                 self.engine.max_batch_size)
                 self.stats.tokens_layers_recomputed += tokens * len(recompute)
             if correct:
                 self.stats.tokens_layers_corrected += correct_with_delta(
                     self.engine.model, cache, fingerprint, update.old_adapter, update.new_adapter, correct)
-        self.stats.tokens_layers_stale += cached_tokens * len(stale)
+        self.stats.tokens_layers_stale += cached_tokens * len(inexact)
+        self.exact_depth = min(inexact, default=self.num_layers)
         cache.accept(update.after)
-        return {"decision": "".join(a[0] for a in decision.layers), "blocks_dropped": dropped,
+        symbols = {REUSE: ".", RECOMPUTE: "R", CORRECT: "C"}
+        return {"decision": "".join(symbols[a] for a in decision.layers), "blocks_dropped": dropped,
                 "cached_tokens": cached_tokens, "layers_recomputed": len(recompute), "layers_corrected": len(correct),
-                "layers_stale": len(stale)}
+                "layers_inexact": len(inexact), "exact_depth": self.exact_depth}
 
     def _layers(self, decision: Decision, update: Update) -> tuple[list[int], list[int], list[int]]:
-        """Recomputed, corrected and knowingly stale layers of a decision, checked for what can be applied."""
+        """Recomputed, corrected and inexact layers of a decision, checked for what can be applied.
+
+        Layers below `base` (valid under the update, and exact before it) are exact. A recompute from layer M needs
+        exact inputs at M (M <= base); a correction of layer c is exact only if c <= base (its inputs are exact);
+        a reused layer at or above base is stale."""
         actions = decision.layers
         if len(actions) != self.num_layers or set(actions) - {REUSE, RECOMPUTE, CORRECT}:
             raise PolicyError(f"{self.policy.name}.decide: expected {self.num_layers} actions among reuse / "
                               f"recompute / correct, found {actions}")
+        base = min(self.exact_depth, update.valid_depth)
         recompute = [i for i, a in enumerate(actions) if a == RECOMPUTE]
         if recompute and recompute != list(range(recompute[0], self.num_layers)):
             raise PolicyError(f"{self.policy.name}.decide: recomputed layers must be a suffix [N, L) of the layers, "
                               f"found {recompute}")
+        if recompute and recompute[0] > base:
+            raise PolicyError(f"{self.policy.name}.decide: recompute from layer {recompute[0]} needs exact inputs "
+                              f"there, but the cached K/V is exact only below layer {base}")
         correct = [i for i, a in enumerate(actions) if a == CORRECT]
-        stale = [i for i, a in enumerate(actions) if a == REUSE and i >= update.valid_depth]
-        return recompute, correct, stale
+        inexact = [i for i, a in enumerate(actions) if (a == REUSE and i >= base) or (a == CORRECT and i > base)]
+        return recompute, correct, inexact

@@ -53,9 +53,9 @@ def measured_vs_bound(summary, x: str, y: str, bound: str, hue: str, title: str,
 
 
 def locality_tradeoff(summary, recommended: dict, title: str):
-    """fig4: work and time saved by UpdateLocality(N) vs Naive and vs PrefixOnly (left), and the reward change vs
-    training every layer with the held-out accuracy (right), against the frozen depth; the recommended range
-    shaded and the failure boundary marked."""
+    """fig4: work and time saved by UpdateLocality(N) vs Naive and vs PrefixOnly (left), and the rollout reward
+    and held-out accuracy change vs training every layer (right), against the frozen depth; the recommended
+    range shaded and the failure boundary marked."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     ul = summary[summary["policy"] == "UpdateLocality"].sort_values("frozen_pct")
@@ -71,11 +71,11 @@ def locality_tradeoff(summary, recommended: dict, title: str):
     left.set_ylabel("saved (%)")
     left.legend(fontsize=6, frameon=False)
     right.plot(ul["frozen_pct"], ul["reward_change"], marker="o", color="C2", label="rollout reward change")
-    right.plot(ul["frozen_pct"], ul["eval_accuracy"], marker="^", linestyle=":", color="C4",
-               label="held-out accuracy")
+    right.plot(ul["frozen_pct"], ul["accuracy_change"], marker="^", linestyle=":", color="C4",
+               label="held-out accuracy change")
     right.axhline(0, color="0.6", linewidth=0.8)
     right.set_xlabel("frozen depth N (% of layers)")
-    right.set_ylabel("vs training all layers / accuracy")
+    right.set_ylabel("change vs training all layers")
     right.legend(fontsize=6, frameon=False)
     low, high = recommended.get("recommended_low_pct"), recommended.get("recommended_high_pct")
     for ax in (left, right):

@@ -44,7 +44,7 @@ class Params(RunParams):
     sft_batch: int = param(3, low=1)
     targets: tuple[str, ...] = tuple(PROJECTIONS)
     block_size: int = param(16, low=1)
-    reward_tolerance: float = param(0.05, low=0.0)  # reward loss vs training every layer that still counts as fine
+    accuracy_tolerance: float = param(0.05, low=0.0)  # held-out accuracy lost vs training every layer that is fine
     time_budget_s: float = param(0.0, low=0.0)  # > 0: stop after this many seconds; finished cells resume next run
 
     def validate(self) -> None:
@@ -158,17 +158,19 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     summary["frozen_pct"] = 100 * summary["frozen_fraction"]
     full = summary[(summary["policy"] == "Naive") & (summary["frozen_fraction"] == 0.0)]
     summary["reward_change"] = summary["reward"] - full["reward"].iloc[0]  # vs training every layer
+    summary["accuracy_change"] = summary["eval_accuracy"] - full["eval_accuracy"].iloc[0]
     return summary
 
 
 def recommendation(summary: pd.DataFrame, tolerance: float) -> dict:
-    """The frozen depths (% of layers) whose reward stays within `tolerance` of training every layer: the
-    recommended range is the deepest contiguous run from the shallowest N; the failure boundary is the first N
-    beyond it (None if every N holds up)."""
+    """The frozen depths (% of layers) whose held-out accuracy stays within `tolerance` of training every layer
+    (greedy answers to items never trained on, so it measures what the adapter learned, not what it memorized):
+    the recommended range is the contiguous run from the shallowest N; the failure boundary is the first N beyond
+    it (None if every N holds up)."""
     ul = summary[summary["policy"] == "UpdateLocality"].sort_values("frozen_pct")
     fine = []
     for row in ul.itertuples():
-        if row.reward_change < -tolerance:
+        if row.accuracy_change < -tolerance:
             return {"recommended_low_pct": fine[0] if fine else None, "recommended_high_pct": fine[-1] if fine else None,
                     "failure_pct": row.frozen_pct}
         fine.append(row.frozen_pct)
@@ -176,14 +178,18 @@ def recommendation(summary: pd.DataFrame, tolerance: float) -> dict:
 
 
 def macros(summary: pd.DataFrame, tolerance: float, target: str = "fig4") -> dict:
-    """Per frozen depth: prefill saved (%), tokens x layers saved (%), reward change vs training every layer;
-    the recommended range and the failure boundary (% of layers; "none" where nothing fails)."""
+    """Per frozen depth: prefill and tokens x layers saved (%) vs Naive and vs PrefixOnly, rollout reward and
+    held-out accuracy change vs training every layer; the recommended range and the failure boundary (% of
+    layers; "none" where nothing fails)."""
     values = {}
     for row in summary[summary["policy"] == "UpdateLocality"].itertuples():
         cell = ("frozen", int(round(row.frozen_pct)))
         values[macro_name(target, "prefill saved", *cell)] = row.prefill_saved_pct
         values[macro_name(target, "work saved", *cell)] = row.tokens_layers_saved_pct
         values[macro_name(target, "reward change", *cell)] = row.reward_change
+        values[macro_name(target, "accuracy change", *cell)] = 100 * row.accuracy_change
+        if not pd.isna(getattr(row, "prefill_saved_pct_vs_prefix_only", float("nan"))):
+            values[macro_name(target, "prefill saved vs prefix only", *cell)] = row.prefill_saved_pct_vs_prefix_only
     for key, value in recommendation(summary, tolerance).items():
         values[macro_name(target, key.replace("_pct", ""))] = "none" if value is None else float(value)
     return values

@@ -118,11 +118,13 @@ def correct_with_delta(model, prefix_cache, fingerprint: str, old: LoraAdapter |
     not linear); values are always corrected with the delta. The delta is computed in fp32 and added in the
     cache's dtype (exact in fp32; bf16 caches round once more). Returns tokens x layers corrected."""
     config, size = model.config, prefix_cache.block_size
-    blocks = prefix_cache.blocks(fingerprint)  # each once, parents first
-    if not blocks:
+    placed = {}  # block key -> (block, its first token's position): each block once
+    for chain in prefix_cache.paths(fingerprint):
+        for depth, block in enumerate(chain):
+            placed.setdefault(block.key, (block, depth * size))
+    if not placed:
         return 0
-    first_token = {block.key: d * size for chain in prefix_cache.paths(fingerprint) for d, block in enumerate(chain)}
-    starts = [first_token[block.key] for block in blocks]
+    blocks, starts = [b for b, _ in placed.values()], [start for _, start in placed.values()]
     device = blocks[0].kv.device
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)  # (n, block)
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)  # (n, 1, block, D)

@@ -1,7 +1,8 @@
 """fig4: update locality. For each frozen depth N (a fraction of the layers), an adapter trained only on layers
 >= N for the same number of SFT steps on the extraction task; its trajectory replayed round by round (rollouts of
-`candidates` per prompt over a fixed prompt set, then the next update) under UpdateLocality(N) and under Naive:
-prefill tokens x layers and seconds per round, and the reward the adapter reaches. The replay engines decode
+`candidates` per prompt over a fixed prompt set, then the next update) under UpdateLocality(N), PrefixOnly and
+Naive: prefill tokens x layers and seconds per round, the rollout reward and the held-out accuracy the adapter
+reaches. The replay engines decode
 without CUDA graphs (each would capture its own; prefill is what is compared)."""
 
 from __future__ import annotations
@@ -9,19 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ember.engine import Engine, SamplingParams
 from ember.experiments.cells import CellStore
+from ember.errors import ParamsError
 from ember.experiments.workloads import check_lora_targets, extraction_set, resolve_device
 from ember.models.lora import PROJECTIONS
-from ember.errors import ParamsError
 from ember.params import RunParams, param
 from ember.policies import Naive, PolicyRunner, PrefixOnly, UpdateLocality
 from ember.report import macro_name, report_dir
 from ember.tasks.evaluate import evaluate
-from ember.train import SFTConfig
 from ember.tasks.extraction import verify
+from ember.train import SFTConfig
 from ember.train.trajectory import losses as trajectory_losses
 from ember.train.trajectory import trajectory
 
@@ -61,7 +61,7 @@ def frozen_depth(fraction: float, num_layers: int) -> int:
 
 
 def _replay(engine_for, policy_of, adapters, workload, params, repeat: int) -> list[dict]:
-    """Rounds 0..R under both policies on their own engines, interleaved (the order alternates per round)."""
+    """Rounds 0..R under each policy on its own engine, interleaved (the order reverses every round)."""
     runners = {name: PolicyRunner(engine_for(), make(), params.block_size) for name, make in policy_of.items()}
     sampling = SamplingParams(temperature=params.temperature, max_tokens=params.max_tokens, seed=params.seed)
     rows = []
@@ -87,10 +87,8 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     """One cell per frozen fraction (stored as it finishes, so a run resumes); rows per (N, policy, repeat, round)."""
     device = resolve_device(params.device)
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed, progress=False)
-    model, tokenizer = engine.model, engine.tokenizer
-    layers = model.config.num_layers
-    workload = extraction_set(tokenizer, params.prompts, params.seed)
-    held_out = extraction_set(tokenizer, params.eval_items, params.seed + 10_000)
+    workload = extraction_set(engine.tokenizer, params.prompts, params.seed)
+    held_out = extraction_set(engine.tokenizer, params.eval_items, params.seed + 10_000)
     cells = {f"frozen={fraction}": (lambda fraction=fraction: _cell(engine, workload, held_out, params, fraction))
              for fraction in params.frozen_fractions}
     df = CellStore(params, params.time_budget_s).run(cells, progress)

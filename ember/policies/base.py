@@ -74,8 +74,24 @@ class CachePolicy:
         raise NotImplementedError
 
 
-def check_period(k: int, policy: str) -> int:
-    """A refresh period: an integer >= 1."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise PolicyError(f"{policy}: refresh period k: expected an integer >= 1, found {k!r}")
-    return k
+class PeriodicPolicy(CachePolicy):
+    """A policy that flushes every cached prefix at every k-th update (a full refresh) and decides the updates
+    in between with `between_refreshes`."""
+
+    exact = False
+
+    def __init__(self, k: int):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise PolicyError(f"{type(self).__name__}: refresh period k: expected an integer >= 1, found {k!r}")
+        self.k = k
+
+    @property
+    def name(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
+
+    def decide(self, update: Update) -> Decision:
+        return Decision.flush() if update.index % self.k == 0 else self.between_refreshes(update)
+
+    def between_refreshes(self, update: Update) -> Decision:
+        """The decision at an update that is not a refresh."""
+        raise NotImplementedError

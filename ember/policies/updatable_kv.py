@@ -8,24 +8,13 @@ hidden states of every layer with each cached block (hidden_size values per toke
 from __future__ import annotations
 
 from ember.engine.refresh import changed_kv_layers
-from ember.policies.base import CORRECT, REUSE, CachePolicy, Decision, Update, check_period
+from ember.policies.base import CORRECT, REUSE, Decision, PeriodicPolicy, Update
 
 
-class UpdatableKV(CachePolicy):
-    exact = False
-
-    def __init__(self, k: int):
-        self.k = check_period(k, "UpdatableKV")
-
-    @property
-    def name(self) -> str:
-        return f"UpdatableKV(k={self.k})"
-
+class UpdatableKV(PeriodicPolicy):
     def boundary_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
 
-    def decide(self, update: Update) -> Decision:
-        if update.index % self.k == 0:
-            return Decision.flush()
+    def between_refreshes(self, update: Update) -> Decision:
         changed = set(changed_kv_layers(update.old_adapter, update.new_adapter, update.num_layers))
         return Decision(tuple(CORRECT if layer in changed else REUSE for layer in range(update.num_layers)))

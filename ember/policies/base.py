@@ -74,6 +74,13 @@ class CachePolicy:
         raise NotImplementedError
 
 
+def policy_int(value, low: int, what: str) -> int:
+    """A policy parameter that must be an integer >= `low` (bools refused); PolicyError naming `what` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise PolicyError(f"{what}: expected an integer >= {low}, found {value!r}")
+    return value
+
+
 class PeriodicPolicy(CachePolicy):
     """A policy that flushes every cached prefix at every k-th update (a full refresh) and decides the updates
     in between with `between_refreshes`."""
@@ -81,9 +88,7 @@ class PeriodicPolicy(CachePolicy):
     exact = False
 
     def __init__(self, k: int):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise PolicyError(f"{type(self).__name__}: refresh period k: expected an integer >= 1, found {k!r}")
-        self.k = k
+        self.k = policy_int(k, 1, f"{type(self).__name__}: refresh period k")
 
     @property
     def name(self) -> str:

@@ -3,14 +3,12 @@ layers >= N are recomputed from the input hidden states of layer N stored with e
 
 from __future__ import annotations
 
-from ember.policies.base import RECOMPUTE, REUSE, CachePolicy, Decision, PolicyError, Update
+from ember.policies.base import RECOMPUTE, REUSE, CachePolicy, Decision, PolicyError, Update, policy_int
 
 
 class UpdateLocality(CachePolicy):
     def __init__(self, frozen_layers: int):
-        if not isinstance(frozen_layers, int) or isinstance(frozen_layers, bool) or frozen_layers < 0:
-            raise PolicyError(f"UpdateLocality: frozen depth N: expected an integer >= 0, found {frozen_layers!r}")
-        self.frozen_layers = frozen_layers
+        self.frozen_layers = policy_int(frozen_layers, 0, "UpdateLocality: frozen depth N")
 
     @property
     def name(self) -> str:

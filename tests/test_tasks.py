@@ -99,7 +99,8 @@ def test_extraction_verifier_scores_hand_written_outputs():
     item = make_extraction(seed=5)
     assert item.answer["name"] in item.document and str(item.answer["age"]) in item.document
     perfect = verify(item, "Here you go:\n```json\n" + json.dumps(item.answer) + "\n```")
-    assert perfect == {"valid_json": True, "schema_valid": True, "field_match": 1.0, "reward": 1.0}
+    assert perfect == {"valid_json": True, "schema_valid": True, "field_match": 1.0,
+                       "field_rewards": dict.fromkeys(item.answer, 1.0), "reward": 1.0}
     wrong_age = dict(item.answer, age=str(item.answer["age"]))  # a string where the schema wants an integer
     result = verify(item, json.dumps(wrong_age))
     assert result["valid_json"] and not result["schema_valid"] and result["field_match"] == 0.75

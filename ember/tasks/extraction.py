@@ -1,13 +1,17 @@
 """Synthetic structured extraction: a document about a person and a JSON schema; the answer is a JSON
-object. The verifier checks valid JSON, schema validity and field-level matches, and folds them into one
-scalar reward for rollouts and RL."""
+object. The verifier checks valid JSON, schema validity (the jsonschema library) and field-level matches, and
+folds them into one scalar reward for rollouts and RL, by one of the REWARDS variants."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
 
+import jsonschema
+
+from ember.errors import TaskError
 from ember.tasks.recall import DISTRACTORS, NAMES
 
 CITIES = ("Lisbon", "Oslo", "Quito", "Nairobi", "Osaka", "Lyon", "Perth", "Denver", "Tallinn", "Porto")
@@ -18,7 +22,6 @@ SCHEMA = {
     "required": ["name", "age", "city", "member"],
     "additionalProperties": False,
 }
-_TYPES = {"string": str, "integer": int, "boolean": bool, "number": (int, float), "object": dict}
 
 
 @dataclass(frozen=True)
@@ -71,31 +74,43 @@ def extract_json(text: str) -> dict | None:
 
 
 def schema_errors(value, schema: dict) -> list[str]:
-    """Violations of the schema subset used here (object, typed properties, required, no extras)."""
-    if not isinstance(value, dict):
-        return ["expected an object"]
-    errors = [f"missing {key!r}" for key in schema.get("required", []) if key not in value]
-    props = schema.get("properties", {})
-    for key, item in value.items():
-        if key not in props:
-            if schema.get("additionalProperties", True) is False:
-                errors.append(f"unexpected {key!r}")
-            continue
-        expected = _TYPES[props[key]["type"]]
-        wrong_bool = isinstance(item, bool) and props[key]["type"] in ("integer", "number")
-        if not isinstance(item, expected) or wrong_bool:
-            errors.append(f"{key!r}: expected {props[key]['type']}, found {type(item).__name__}")
-    return errors
+    """Readable violations of the JSON Schema `schema` (draft 2020-12) by `value`, one string each ("$.age: '42'
+    is not of type 'integer'"); empty when `value` is valid."""
+    errors = _validator(json.dumps(schema, sort_keys=True)).iter_errors(value)
+    return sorted(f"{error.json_path}: {error.message}" for error in errors)
 
 
-def verify(item: ExtractionItem, output: str) -> dict:
-    """valid_json, schema_valid, field_match (fraction of gold fields equal) and reward in [0, 1]:
-    0 without valid JSON, else 0.25 x schema_valid + 0.75 x field_match."""
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    """One validator per distinct schema (keyed by its canonical JSON), checked once when built."""
+    schema = json.loads(schema_json)
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise TaskError(f"schema: expected a valid JSON Schema (draft 2020-12), found {exc.message}") from exc
+    return jsonschema.Draft202012Validator(schema)
+
+
+_REWARDS = {
+    "binary": lambda valid, field_match: float(valid and field_match == 1.0),
+    "weighted": lambda valid, field_match: 0.25 * valid + 0.75 * field_match,
+    "fields": lambda valid, field_match: field_match,
+}
+REWARDS = tuple(_REWARDS)
+
+
+def verify(item: ExtractionItem, output: str, reward: str = "weighted") -> dict:
+    """valid_json, schema_valid, field_rewards (gold field -> 1.0 when the output's value is equal and of the same
+    type, bool is not int, else 0.0), field_match (their mean) and reward in [0, 1], by name (see REWARDS):
+    "binary" is 1 iff the schema is valid and every field matches; "weighted" is 0.25 x schema_valid +
+    0.75 x field_match (so 0 without valid JSON); "fields" is field_match, schema validity not counted."""
+    if reward not in _REWARDS:
+        raise TaskError(f"reward: expected one of {', '.join(REWARDS)}, found {reward!r}")
     value = extract_json(output)
-    if value is None:
-        return {"valid_json": False, "schema_valid": False, "field_match": 0.0, "reward": 0.0}
-    valid = not schema_errors(value, item.schema)
-    matches = sum(value.get(key) == gold and type(value.get(key)) is type(gold) for key, gold in item.answer.items())
-    field_match = matches / len(item.answer)
-    return {"valid_json": True, "schema_valid": valid, "field_match": field_match,
-            "reward": 0.25 * valid + 0.75 * field_match}
+    found = {} if value is None else value
+    valid = value is not None and not schema_errors(value, item.schema)
+    field_rewards = {key: float(found.get(key) == gold and type(found.get(key)) is type(gold))
+                     for key, gold in item.answer.items()}
+    field_match = sum(field_rewards.values()) / len(field_rewards)
+    return {"valid_json": value is not None, "schema_valid": valid, "field_match": field_match,
+            "field_rewards": field_rewards, "reward": _REWARDS[reward](valid, field_match)}

@@ -1,1 +1,1 @@
-"""Tasks: synthetic generators (recall, extraction, shared-prefix workloads), benchmark loaders, scoring."""
+"""Tasks: synthetic generators (recall, extraction, SQL, shared-prefix workloads), benchmark loaders, scoring."""

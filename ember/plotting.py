@@ -116,3 +116,31 @@ def stale_errors(summary, per_layer, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def cumulative_cost(df, summary, title: str):
+    """fig3: per policy, the cumulative rollout seconds over the rounds (left, with the total saved vs Naive in
+    the legend), the seconds of each round (middle) and the rollout reward of each round (right)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, (cum, per_round, reward) = plt.subplots(1, 3, figsize=(11.0, 3.3))
+    policies = list(summary["policy"])
+    colors = dict(zip(policies, sns.color_palette("deep", len(policies))))
+    saved = dict(zip(summary["policy"], summary.get("rollout_saved_pct_vs_naive", [None] * len(summary))))
+    for policy in policies:
+        part = df[df["policy"] == policy].sort_values("round")
+        label = policy if saved.get(policy) is None else f"{policy} ({saved[policy]:+.0f}% time vs Naive)"
+        cum.plot(part["round"], part["cum_rollout_s"], marker="o", markersize=3, color=colors[policy], label=label)
+        per_round.plot(part["round"], part["rollout_s"], marker="o", markersize=3, color=colors[policy])
+        reward.plot(part["round"], part["reward"], marker="o", markersize=3, color=colors[policy])
+    cum.set_ylabel("cumulative rollout time (s)")
+    per_round.set_ylabel("rollout time per round (s)")
+    reward.set_ylabel("mean rollout reward")
+    for ax in (cum, per_round, reward):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    per_round.set_ylim(bottom=0)
+    fig.legend(*cum.get_legend_handles_labels(), loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.12),
+               frameon=False, fontsize=7)
+    fig.suptitle(title, y=1.18)
+    fig.tight_layout()
+    return fig

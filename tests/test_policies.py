@@ -23,7 +23,7 @@ from ember.policies import (
 )
 from ember.policies.base import CachePolicy, Decision
 from ember.policies.probes import ProbeSpec, fresh_reference, probe
-from ember.train import Example, SFTConfig, SFTTrainer
+from ember.train import Example, TrainConfig, SFTTrainer
 
 LAYERS = 6
 SHARED = "System: extract the fields name, age and city as one JSON object. "
@@ -39,7 +39,7 @@ def _engine(family="tiny-llama", seed=0, device="cpu"):
 
 
 def _trainer(engine, layers=None, rank=4, lr=5e-2, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")):
-    config = SFTConfig(rank=rank, alpha=2 * rank, targets=targets, layers=layers, lr=lr)
+    config = TrainConfig(rank=rank, alpha=2 * rank, targets=targets, layers=layers, lr=lr)
     return SFTTrainer(engine.model, config, pad_id=0)
 
 

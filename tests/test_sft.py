@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ember.errors import TrainError
 from ember.models import LoraAdapter, load
 from ember.models.versions import model_fingerprint
-from ember.train import Example, SFTConfig, SFTTrainer, answer_nll
+from ember.train import Example, TrainConfig, SFTTrainer, answer_nll
 
 
 def _examples(tokenizer):
@@ -41,7 +41,7 @@ def test_sft_learns_and_touches_only_the_adapter(tmp_path):
     loaded = load("tiny-llama")
     model, examples = loaded.model, _examples(loaded.tokenizer)
     before = model_fingerprint(model)
-    trainer = SFTTrainer(model, SFTConfig(rank=4, alpha=8, lr=3e-2, layers=(1,)))
+    trainer = SFTTrainer(model, TrainConfig(rank=4, alpha=8, lr=3e-2, layers=(1,)))
     losses = [trainer.step(examples)["loss"] for _ in range(8)]
     assert losses[-1] < 0.8 * losses[0]
     assert model_fingerprint(model) == before and trainer.adapter.layers == [1]
@@ -54,7 +54,7 @@ def test_sft_learns_and_touches_only_the_adapter(tmp_path):
 
 def test_bad_sft_batches_are_clear_errors():
     loaded = load("tiny-llama")
-    trainer = SFTTrainer(loaded.model, SFTConfig(rank=2))
+    trainer = SFTTrainer(loaded.model, TrainConfig(rank=2))
     with pytest.raises(TrainError, match="non-empty prompt and answer"):
         trainer.step([Example([5, 6], [])])
     with pytest.raises(TrainError, match="found none"):

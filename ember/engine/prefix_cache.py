@@ -88,13 +88,58 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def state(self) -> dict:
+        """Everything the cache holds, for a checkpoint: settings, counters and the blocks, parents before
+        children (each with its parent's index and its rank in LRU order; hash keys are not stored, they differ
+        between processes)."""
+        ordered, stack = [], [b for b in self._blocks.values() if b.parent is None]
+        while stack:
+            block = stack.pop()
+            ordered.append(block)
+            stack.extend(self._blocks[key] for key in sorted(block.children))
+        index = {b.key: i for i, b in enumerate(ordered)}
+        lru = {key: rank for rank, key in enumerate(self._blocks)}
+        blocks = [{"parent": None if b.parent is None else index[b.parent], "tokens": list(b.tokens),
+                   "model": b.model, "kv": b.kv, "versions": list(b.versions), "hidden": b.hidden,
+                   "pinned": b.pinned, "lru": lru[b.key]} for b in ordered]
+        return {"block_size": self.block_size, "max_bytes": self.max_bytes,
+                "boundary_layers": list(self.boundary_layers), "stats": self.stats.as_dict(), "blocks": blocks}
+
+    @classmethod
+    def from_state(cls, state: dict, device=None) -> "PrefixCache":
+        """The cache a `state()` describes (tensors moved to `device`), with the blocks' keys rebuilt here."""
+        cache = cls(state["block_size"], state["max_bytes"], tuple(state["boundary_layers"]))
+        cache.stats = PrefixStats(**state["stats"])
+        entries = []
+        for saved in state["blocks"]:
+            if saved["parent"] is not None and not 0 <= saved["parent"] < len(entries):
+                raise GenerationError(f"prefix cache state: expected every parent block before its children, "
+                                      f"found parent index {saved['parent']} at block {len(entries)}")
+            parent = None if saved["parent"] is None else entries[saved["parent"]].key
+            tokens = tuple(saved["tokens"])
+            hidden = None if saved["hidden"] is None else saved["hidden"].to(device)
+            entry = _Block(cls._key(parent, saved["model"], tokens), parent, tokens, saved["model"],
+                           saved["kv"].to(device), tuple(saved["versions"]), hidden, pinned=saved["pinned"])
+            if parent is not None:
+                entries[saved["parent"]].children.add(entry.key)
+            cache.bytes_held += entry.nbytes
+            entries.append(entry)
+        for _, entry in sorted(zip(state["blocks"], entries), key=lambda pair: pair[0]["lru"]):
+            cache._blocks[entry.key] = entry
+        return cache
+
+    @staticmethod
+    def _key(parent: int | None, model: str, block: tuple) -> int:
+        """A block's key: the hash of its parent's key (or the model's root) and its tokens."""
+        return hash((parent if parent is not None else ("root", model), block))
+
     def _chain(self, tokens: list[int], model: str):
         """(key, parent key, block tokens) for each full block of `tokens`."""
         parent = None
         size = self.block_size
         for start in range(0, len(tokens) - size + 1, size):
             block = tuple(tokens[start:start + size])
-            key = hash((parent if parent is not None else ("root", model), block))
+            key = self._key(parent, model, block)
             yield key, parent, block
             parent = key
 

@@ -40,6 +40,14 @@ class CellStore:
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()
 
+    def out_of_time(self) -> bool:
+        """Whether the time budget (if any) is spent."""
+        return self.budget > 0 and time.perf_counter() - self.began > self.budget
+
+    def checkpoint_dir(self, cell: str) -> Path:
+        """Where a cell that runs in rounds keeps its checkpoint (so a cell itself can resume mid-way)."""
+        return self.folder.parent / "checkpoints" / f"{self.run_key}-{hashlib.sha256(cell.encode()).hexdigest()[:12]}"
+
     def _path(self, cell: str) -> Path:
         return self.folder / f"{self.run_key}-{hashlib.sha256(cell.encode()).hexdigest()[:12]}.csv"
 
@@ -63,7 +71,7 @@ class CellStore:
                 frame = compute()
                 self.save(cell, frame)
             frames.append(frame)
-            if self.budget > 0 and done + 1 < len(cells) and time.perf_counter() - self.began > self.budget:
+            if done + 1 < len(cells) and self.out_of_time():
                 raise ReportError(f"{self.target}: {done + 1} of {len(cells)} cells finished within time_budget_s="
                                   f"{self.budget:g}; they are stored in {self.folder}: run again to continue")
         return pd.concat(frames, ignore_index=True)

@@ -20,7 +20,7 @@ from ember.params import RunParams, param
 from ember.policies import KeepStale, PeriodicRefresh, PolicyRunner, UpdatableKV
 from ember.policies.probes import ProbeSpec, fresh_reference, probe
 from ember.report import macro_name, report_dir
-from ember.train import SFTConfig
+from ember.train import TrainConfig
 from ember.train.trajectory import trajectory
 
 
@@ -74,7 +74,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
 
 def _cell(engine, workload, params: Params, rank: int, progress) -> pd.DataFrame:
     model, tokenizer = engine.model, engine.tokenizer
-    config = SFTConfig(rank=rank, alpha=params.alpha_per_rank * rank, targets=params.targets, lr=params.lr,
+    config = TrainConfig(rank=rank, alpha=params.alpha_per_rank * rank, targets=params.targets, lr=params.lr,
                        seed=params.seed)
     folder = report_dir(params.target) / "trajectories" / f"{params.profile}-r{rank}"
     adapters = trajectory(model, config, list(workload.examples), params.updates, params.sft_batch, folder,

@@ -21,7 +21,7 @@ from ember.policies import Naive, PolicyRunner, PrefixOnly, UpdateLocality
 from ember.report import macro_name, report_dir
 from ember.tasks.evaluate import evaluate
 from ember.tasks.extraction import verify
-from ember.train import SFTConfig
+from ember.train import TrainConfig
 from ember.train.trajectory import losses as trajectory_losses
 from ember.train.trajectory import trajectory
 
@@ -101,7 +101,7 @@ def _cell(engine, workload, held_out, params: Params, fraction: float) -> pd.Dat
     frozen = frozen_depth(fraction, layers)
     adapters, losses = [], []
     if frozen < layers:
-        config = SFTConfig(rank=params.rank, alpha=params.alpha, targets=params.targets,
+        config = TrainConfig(rank=params.rank, alpha=params.alpha, targets=params.targets,
                            layers=tuple(range(frozen, layers)), lr=params.lr, seed=params.seed)
         folder = report_dir(params.target) / "trajectories" / f"{params.profile}-frozen{frozen}"
         adapters = trajectory(model, config, list(workload.examples), params.rounds, params.sft_batch, folder,

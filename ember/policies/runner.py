@@ -98,6 +98,26 @@ class PolicyRunner:
         self.last_update = {"update": update.index, "valid_depth": update.valid_depth, "refresh_s": seconds, **done}
         return self.last_update
 
+    def state(self) -> dict:
+        """What a checkpoint needs to resume this runner: its counters, exact depth, last update and the prefix
+        cache's blocks (the adapter in use is saved by the trainer)."""
+        return {"policy": self.policy.name, "stats": self.stats.as_dict(), "exact_depth": self.exact_depth,
+                "last_update": self.last_update,
+                "cache": self.prefix_cache.state() if self.prefix_cache is not None else None}
+
+    def restore(self, state: dict, adapter) -> None:
+        """Resume from `state()` with `adapter` (the one in use when it was taken) active, without applying the
+        policy again."""
+        if state["policy"] != self.policy.name:
+            raise PolicyError(f"PolicyRunner.restore: expected a state of {self.policy.name}, found one of "
+                              f"{state['policy']}")
+        engine = self.engine
+        engine.set_adapter(engine.load_adapter(adapter, ADAPTER_NAME))
+        self.stats = PolicyStats(**state["stats"])
+        self.exact_depth, self.last_update = state["exact_depth"], state["last_update"]
+        if state["cache"] is not None:
+            engine.prefix_cache = PrefixCache.from_state(state["cache"], engine.device)
+
     def _apply(self, update: Update) -> dict:
         cache, decision = self.prefix_cache, self.policy.decide(update)
         if not isinstance(decision, Decision):

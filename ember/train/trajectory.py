@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 from ember.models.lora import LoraAdapter
 from ember.models.versions import model_fingerprint
 from ember.report import atomic_write
-from ember.train.sft import Example, SFTConfig, SFTTrainer
+from ember.train.config import TrainConfig
+from ember.train.sft import SFTTrainer
+from ember.train.tokens import Example
 
 DONE_FILE = "trajectory.json"
 
 
-def trajectory(model, config: SFTConfig, examples: list[Example], steps: int, batch_size: int, folder: Path,
+def trajectory(model, config: TrainConfig, examples: list[Example], steps: int, batch_size: int, folder: Path,
                pad_id: int = 0, progress: bool | None = None) -> list[LoraAdapter]:
     """The adapters after steps 1..steps of SFT on `examples` (cycled in batches of `batch_size`), trained on
     `model` in place or loaded from `folder` when a finished trajectory of this exact setup is there."""

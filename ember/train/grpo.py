@@ -1,0 +1,65 @@
+"""GRPO: group-normalized advantages over a prompt's N candidates, the clipped importance ratio against the
+log-probs the rollout sampled with (the engine's, not recomputed), and an optional KL to the base model.
+
+The first forward of a round recomputes the rollout's log-probs with the differentiable forward: their gap to
+the engine's (`logprob_gap_max`) is reported, so off-policy rollouts (stale K/V) are visible."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.train.lora_trainer import LoraTrainer
+from ember.train.losses import group_advantages, grpo_loss
+from ember.train.tokens import answer_rows
+
+
+class GRPOTrainer(LoraTrainer):
+    """GRPO with `config.clip_eps` and `config.kl_beta`. Candidates of groups whose rewards are all equal have
+    zero advantage; they are skipped unless a KL term is on."""
+
+    name = "grpo"
+
+    def train(self, groups) -> dict:
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # (G, N)
+        advantages = group_advantages(rewards)
+        rows = [(g.example(c), c.logprobs, float(a)) for g, adv in zip(groups, advantages)
+                for c, a in zip(g.candidates, adv) if a != 0 or self.config.kl_beta]
+        if not rows:
+            return {"step": self.steps, "loss": float("nan"), "sequences": 0, "skipped": True}
+        chunks = list(enumerate(self.micro_batches(rows)))
+        device = self.model.output_weight.device
+        reference = [self._answer_logprobs(self.reference_logprobs, chunk) for _, chunk in chunks] \
+            if self.config.kl_beta else None
+        stats, gaps = [], []
+
+        def loss_of(indexed):
+            index, chunk = indexed
+            new, mask = self._answer_logprobs(self.policy_logprobs, chunk)
+            old = torch.zeros_like(new)
+            for row, (_, logprobs, _) in enumerate(chunk):
+                old[row, :len(logprobs)] = torch.tensor(logprobs, device=device)
+            if first_step:
+                gaps.append(float(((new.detach() - old).abs() * mask).max()))
+            gain = torch.tensor([a for _, _, a in chunk], device=device, dtype=new.dtype)
+            ref = reference[index][0] if reference is not None else None
+            loss, stat = grpo_loss(new, old, gain, mask, self.config.clip_eps, ref, self.config.kl_beta)
+            stats.append(stat)
+            return loss.sum() / len(rows)
+
+        for step in range(self.config.steps_per_round):
+            first_step = step == 0
+            stats.clear()
+            metrics = self.optimize(chunks, loss_of)
+        mean = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+        return {**metrics, "sequences": len(rows), "logprob_gap_max": max(gaps), **mean}
+
+    def _answer_logprobs(self, logprobs_of, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-token log-probs (b, T) right-padded, and their mask (b, T), of a chunk's examples."""
+        examples = [example for example, _, _ in chunk]
+        values, weight = logprobs_of(examples)
+        lengths = [len(e.answer) for e in examples]
+        rows = answer_rows(values, weight, lengths)
+        mask = torch.zeros_like(rows)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+        return rows, mask

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ember.engine import Engine
 from ember.experiments.cells import CellStore
-from ember.experiments.rl_runs import POLICIES, RLParams, check_names, prompt_sets, rl_cell
-from ember.experiments.workloads import resolve_device
+from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell
 from ember.params import param
 from ember.report import macro_name
 from ember.train import TRAINERS
@@ -32,8 +30,7 @@ class Params(RLParams):
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
     """One cell per policy (resumable per round); rows per (policy, round)."""
-    device = resolve_device(params.device)
-    engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed, progress=False)
+    engine = load_engine(params)
     task, held_out = prompt_sets(engine, params)
     store = CellStore(params, params.time_budget_s)
     cells = {f"policy={p}": (lambda p=p: rl_cell(engine, params, store, f"policy={p}", p, params.trainer, task,

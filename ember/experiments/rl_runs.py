@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from ember.engine import Engine, SamplingParams
 from ember.errors import ParamsError, ReportError
-from ember.experiments.workloads import RL_TASKS, check_lora_targets, rl_prompt_set
+from ember.experiments.workloads import RL_TASKS, check_lora_targets, resolve_device, rl_prompt_set
 from ember.models.lora import PROJECTIONS
 from ember.params import RunParams, param
 from ember.policies import PolicyRunner, make_policy
@@ -47,6 +48,7 @@ class RLParams(RunParams):
     targets: tuple[str, ...] = tuple(PROJECTIONS)
     frozen_fraction: float = param(0.5, low=0.0, high=1.0)  # UpdateLocality(N): N = this share of the layers
     refresh_period: int = param(2, low=1)  # k of PeriodicRefresh(k) and UpdatableKV(k)
+    rollout_batch: int = param(64, low=1)  # rows (prompts x candidates) decoded together
     block_size: int = param(16, low=1)
     cache_bytes: int = param(1 << 30, low=0)  # the prefix cache's budget
     probe_prompts: int = param(1, low=0)  # prompts whose cached K/V error is probed after every update
@@ -90,6 +92,15 @@ def loop_config(params: RLParams) -> LoopConfig:
                       max_tokens=params.max_tokens, seed=params.seed, probe_prompts=params.probe_prompts)
 
 
+def load_engine(params: RLParams) -> Engine:
+    """The run's model in an engine on its device. On a GPU, float32 matrix products use TF32 (as training
+    stacks do); the manifest's params say which dtype ran."""
+    device = resolve_device(params.device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed, progress=False)
+
+
 def prompt_sets(engine, params: RLParams):
     """(the training prompt set revisited every round, the held-out set)."""
     train = rl_prompt_set(engine.tokenizer, params.task, params.prompts, params.seed, params.reward, params.shots)
@@ -112,7 +123,7 @@ def rl_cell(engine, params: RLParams, store, cell: str, policy: str, trainer_nam
     if frozen >= layers:
         raise ParamsError(f"{type(params).__name__}.frozen_fraction: expected fewer than all {layers} layers frozen "
                           f"(something must train), found N={frozen}")
-    rollout = Engine(model, tokenizer, progress=False, cuda_graphs=False)
+    rollout = Engine(model, tokenizer, max_batch_size=params.rollout_batch, progress=False, cuda_graphs=False)
     runner = PolicyRunner(rollout, make_policy(spec), params.block_size, params.cache_bytes)
     trainer = make_trainer(trainer_name, model, train_config(params, trained), rollout._pad_id)
     rows, finished = run_loop(runner, trainer, task, loop_config(params), store.checkpoint_dir(cell),

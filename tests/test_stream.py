@@ -32,7 +32,8 @@ def _assert_stream_matches(engine, prompts, n, sampling):
         for cand in out.completions:
             events = streamed[r, cand.index]
             assert [e.token_id for e in events] == cand.token_ids
-            assert [e.logprob for e in events] == pytest.approx(cand.logprobs, abs=1e-6)
+            # the second call reuses the first one's cached prefix: fp32 sums in another order, within 1e-5
+            assert [e.logprob for e in events] == pytest.approx(cand.logprobs, abs=1e-5)
             assert "".join(e.text for e in events) == cand.text
             assert [e.finish_reason for e in events] == [None] * (len(events) - 1) + [cand.finish_reason]
     return result

@@ -225,11 +225,39 @@ def test_trainers_touch_only_the_adapter_and_the_swap_copies_no_base_weight(tiny
     assert model_fingerprint(model) == before and [p.data_ptr() for p in model.parameters()] == pointers
 
 
+def test_equal_rewards_give_exact_zero_advantages_and_no_step():
+    rewards = torch.tensor([[0.7, 0.7, 0.7], [1 / 7, 1 / 7, 1 / 7]], dtype=torch.float64)
+    assert torch.equal(group_advantages(rewards), torch.zeros_like(rewards))
+    model = load("tiny-qwen3").model
+    gold = Example([5, 6], [7])
+    group = Group((10, 11), tuple(Candidate((20 + j,), (-1.0,), 0.7) for j in range(3)), gold)
+    assert GRPOTrainer(model, TrainConfig(rank=2)).train([group])["skipped"]
+
+
+def test_a_non_finite_gradient_takes_no_step():
+    model = load("tiny-qwen3").model
+    trainer = GRPOTrainer(model, TrainConfig(rank=2))
+    before = [t.detach().clone() for t in trainer.adapter.parameters()]
+    with pytest.raises(TrainError, match="finite gradients"):
+        # a finite loss (0) whose gradient is not: d sqrt(|x|) / dx at x = 0
+        trainer.optimize([0], lambda _: torch.sqrt((trainer.adapter.parameters()[0] -
+                                                    trainer.adapter.parameters()[0].detach()).abs()).sum())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, trainer.adapter.parameters()))
+
+
 def test_unknown_trainer_and_bad_candidates_are_clear_errors():
     with pytest.raises(TrainError, match="expected one of"):
         make_trainer("ppo", load("tiny-qwen3").model, TrainConfig())
     with pytest.raises(TrainError, match="one log-prob per token"):
         Candidate((1, 2), (-0.5,), 1.0)
+    for bad in ({"micro_batch": 0}, {"steps_per_round": 0}, {"clip_eps": -0.1}, {"lr": -1.0}):
+        with pytest.raises(TrainError, match=f"TrainConfig.{next(iter(bad))}: expected"):
+            TrainConfig(**bad)
+    gold = Example([5], [6])
+    ragged = [Group((1,), (Candidate((2,), (-1.0,), 0.0), Candidate((3,), (-1.0,), 1.0)), gold),
+              Group((1,), (Candidate((2,), (-1.0,), 0.0),), gold)]
+    with pytest.raises(TrainError, match="same number of candidates"):
+        GRPOTrainer(load("tiny-qwen3").model, TrainConfig(rank=2)).train(ragged)
 
 
 # ---- the loop: checkpoints and exact resume ---------------------------------------------------------------

@@ -45,7 +45,7 @@ def save_checkpoint(folder, round_index: int, trainer, runner, rows: list[dict],
         (tmp / "loop.json").write_text(json.dumps({"round": round_index, "rows": rows, "meta": meta},
                                                   indent=1, default=str))
     atomic_write(folder / LATEST, name)
-    for old in folder.glob("round-*"):
+    for old in [*folder.glob("round-*"), *folder.glob(".round-*")]:  # older checkpoints, a killed run's temp folders
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return folder / name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ember.errors import TrainError
 from ember.models.lora import PROJECTIONS
 
 
@@ -27,3 +28,12 @@ class TrainConfig:
     clip_eps: float = 0.2  # GRPO: the importance ratio is clipped to [1 - eps, 1 + eps]
     kl_beta: float = 0.0  # GRPO: weight of the KL to the base model (adapter off); 0 skips the reference pass
     min_reward: float = 0.0  # best-of-N: a prompt's best candidate is trained on only above this reward
+
+    def __post_init__(self):
+        checks = [("rank", self.rank >= 1, ">= 1"), ("micro_batch", self.micro_batch >= 1, ">= 1"),
+                  ("steps_per_round", self.steps_per_round >= 1, ">= 1"), ("lr", self.lr >= 0, ">= 0"),
+                  ("max_grad_norm", self.max_grad_norm > 0, "> 0"), ("clip_eps", 0 <= self.clip_eps < 1, "in [0, 1)"),
+                  ("kl_beta", self.kl_beta >= 0, ">= 0"), ("dpo_beta", self.dpo_beta > 0, "> 0")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise TrainError(f"TrainConfig.{name}: expected {expected}, found {getattr(self, name)!r}")

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from ember.errors import TrainError
 from ember.train.lora_trainer import LoraTrainer
 from ember.train.losses import group_advantages, grpo_loss
 from ember.train.tokens import answer_rows
 
 
 class GRPOTrainer(LoraTrainer):
-    """GRPO with `config.clip_eps` and `config.kl_beta`. Candidates of groups whose rewards are all equal have
-    zero advantage; they are skipped unless a KL term is on."""
+    """GRPO with `config.clip_eps` and `config.kl_beta`. Groups whose rewards are all equal have zero advantage;
+    they are skipped unless a KL term is on. The ratio compares the untempered policy's log-probs (the engine
+    reports those, whatever temperature it sampled at)."""
 
     name = "grpo"
 
     def train(self, groups) -> dict:
+        sizes = {len(g.candidates) for g in groups}
+        if len(sizes) != 1:
+            raise TrainError(f"GRPO: expected the same number of candidates in every group, found {sorted(sizes)}")
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # (G, N)
         advantages = group_advantages(rewards)
         rows = [(g.example(c), c.logprobs, float(a)) for g, adv in zip(groups, advantages)
-                for c, a in zip(g.candidates, adv) if a != 0 or self.config.kl_beta]
+                if bool(adv.any()) or self.config.kl_beta for c, a in zip(g.candidates, adv)]
         if not rows:
             return {"step": self.steps, "loss": float("nan"), "sequences": 0, "skipped": True}
         chunks = list(enumerate(self.micro_batches(rows)))

@@ -65,6 +65,10 @@ class LoraTrainer:
                 loss.backward()
                 total += loss.item()
             norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.config.max_grad_norm)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainError(f"{type(self).__name__}: expected finite gradients, found a norm of {norm.item()} "
+                                 f"(no step taken; the adapter is left as it was)")
             self.optimizer.step()
         self.steps += 1
         return {"step": self.steps, "loss": total, "grad_norm": norm.item()}

@@ -7,22 +7,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: the ratio stays finite in float32 however off-policy a rollout was
+
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages (G, N) of rewards (G, N): each group's rewards minus their mean over the standard
-    deviation (population, plus eps); a group whose rewards are all equal gets zeros."""
+    deviation (population, plus eps); a group whose rewards are all equal gets exact zeros."""
     centered = rewards - rewards.mean(dim=-1, keepdim=True)
-    return centered / (rewards.std(dim=-1, unbiased=False, keepdim=True) + eps)
+    spread = (rewards.amax(dim=-1, keepdim=True) - rewards.amin(dim=-1, keepdim=True)) > 1e-12
+    return torch.where(spread, centered / (rewards.std(dim=-1, unbiased=False, keepdim=True) + eps), 0.0)
 
 
 def grpo_loss(new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               clip_eps: float, ref: torch.Tensor | None = None, kl_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Per-sequence GRPO loss (b,): the mean over its tokens of -min(rho A, clip(rho, 1-eps, 1+eps) A) plus
-    kl_beta x KL(new || ref) by the k3 estimator exp(ref - new) - (ref - new) - 1, where rho = exp(new - old).
+    kl_beta x KL(new || ref) by the k3 estimator exp(ref - new) - (ref - new) - 1, where rho = exp(new - old)
+    (new - old capped at MAX_LOG_RATIO).
 
     new (b, T) are the current policy's log-probs (differentiable), old (b, T) those the rollout sampled with,
     ref (b, T) the reference model's; advantages (b,). Also returns the mean ratio, clipped fraction and KL."""
-    ratio = torch.exp(new - old)  # (b, T)
+    ratio = torch.exp((new - old).clamp(max=MAX_LOG_RATIO))  # (b, T); bounded: stale rollouts can be far off
     seen = ratio.detach()
     gain = advantages[:, None]
     surrogate = torch.minimum(ratio * gain, ratio.clamp(1 - clip_eps, 1 + clip_eps) * gain)  # (b, T)

@@ -128,7 +128,9 @@ def cumulative_cost(df, summary, title: str):
     saved = dict(zip(summary["policy"], summary.get("rollout_saved_pct_vs_naive", [None] * len(summary))))
     for policy in policies:
         part = df[df["policy"] == policy].sort_values("round")
-        label = policy if saved.get(policy) is None else f"{policy} ({saved[policy]:+.0f}% time vs Naive)"
+        label = policy
+        if saved.get(policy) is not None and policy != "Naive":
+            label = f"{policy} ({-saved[policy]:+.0f}% rollout time vs Naive)"
         cum.plot(part["round"], part["cum_rollout_s"], marker="o", markersize=3, color=colors[policy], label=label)
         per_round.plot(part["round"], part["rollout_s"], marker="o", markersize=3, color=colors[policy])
         reward.plot(part["round"], part["reward"], marker="o", markersize=3, color=colors[policy])
@@ -139,8 +141,8 @@ def cumulative_cost(df, summary, title: str):
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     per_round.set_ylim(bottom=0)
-    fig.legend(*cum.get_legend_handles_labels(), loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.12),
+    fig.legend(*cum.get_legend_handles_labels(), loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.98),
                frameon=False, fontsize=7)
-    fig.suptitle(title, y=1.18)
+    fig.suptitle(title, y=1.17)
     fig.tight_layout()
     return fig

@@ -48,14 +48,15 @@ def with_cumulative(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame, tail: int = 2) -> pd.DataFrame:
-    """Per policy: total rollout seconds (and hours), prefill work, the final reward (mean of the last `tail`
+    """Per policy: total rollout seconds (and hours) and the median round's (robust to a one-off slow round),
+    prefill work, the final reward (mean of the last `tail`
     rounds' rollout rewards), held-out accuracy, peak memory and its growth (the peak of the later half of the
     rounds minus that of the earlier half), mean probed
     K/V error; savings vs Naive and vs PrefixOnly and the final-reward difference vs Naive."""
     last = df[df["round"] >= df["round"].max() - tail + 1]
     probed = "k_rel_l2" in df.columns
     summary = df.groupby(["policy_key", "policy"], as_index=False, sort=False).agg(
-        rollout_s=("rollout_s", "sum"), prefill_s=("prefill_s", "sum"), refresh_s=("refresh_s", "sum"),
+        rollout_s=("rollout_s", "sum"), median_round_rollout_s=("rollout_s", "median"), prefill_s=("prefill_s", "sum"), refresh_s=("refresh_s", "sum"),
         decode_s=("decode_s", "sum"), train_s=("train_s", "sum"), swap_s=("swap_s", "sum"),
         tokens_layers=("tokens_layers_recomputed", "sum"), held_out_accuracy=("held_out_accuracy", "first"),
         peak_memory_bytes=("peak_memory_bytes", "max"), cache_bytes=("cache_bytes", "max"),

@@ -2,6 +2,8 @@
 that run's checkpoint to the uninterrupted numbers; exact policies roll out what Naive rolls out; the dual
 stack's merged copy computes what the unified model with the adapter computes; bad params are clear errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -94,3 +96,15 @@ def test_the_merged_copy_computes_what_the_model_with_its_adapter_computes(tmp_p
 def test_bad_rl_params_are_clear_errors(target, overrides, match):
     with pytest.raises(ParamsError, match=match):
         load_params(target, "smoke", overrides)
+
+
+def test_rl_round_benchmark_measures_and_summarizes_a_run(tmp_path):
+    from ember.bench import rl_round
+
+    out = tmp_path / "rl_round.json"
+    assert rl_round.main(["--model", "tiny-qwen3", "--prompts", "2", "--candidates", "2", "--max-tokens", "3",
+                          "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["rounds_measured"] == 1 and report["rollout_s"] > 0 and report["rollout_tokens_per_s"] > 0
+    with pytest.raises(ReportError, match="expected results.csv and manifest.json"):
+        rl_round.from_run(tmp_path)

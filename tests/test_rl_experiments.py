@@ -108,3 +108,9 @@ def test_rl_round_benchmark_measures_and_summarizes_a_run(tmp_path):
     assert report["rounds_measured"] == 1 and report["rollout_s"] > 0 and report["rollout_tokens_per_s"] > 0
     with pytest.raises(ReportError, match="expected results.csv and manifest.json"):
         rl_round.from_run(tmp_path)
+
+
+def test_fig3_runs_on_the_sql_task():
+    df, _ = cumulative_cost.run(load_params("fig3", "smoke", {"task": "sql", "policies": ["prefix_only"],
+                                                              "rounds": 1}))
+    assert len(df) == 1 and 0.0 <= df["reward"].iloc[0] <= 1.0 and df["hits"].iloc[0] > 0

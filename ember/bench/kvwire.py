@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from ember.engine.timers import median_seconds
 from ember.experiments.workloads import resolve_device
 from ember.kv.wire import KVPayload, WireConfig, expected_size, pack, unpack
 from ember.report import atomic_write, run_manifest
@@ -33,21 +32,6 @@ SIZES = {
 }
 
 
-def _timed(fn, device, repeats: int) -> float:
-    """Median seconds of `fn()` over repeats (after one warm-up), synchronizing CUDA."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def run(layers: int, heads: int, head_dim: int, tokens: int, device: str, repeats: int, seed: int = 0) -> dict:
     device = torch.device(resolve_device(device))
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -61,12 +45,12 @@ def run(layers: int, heads: int, head_dim: int, tokens: int, device: str, repeat
     report = run_manifest("bench-kvwire", params, {"source": "random", "seed": seed}, str(device), extra={
         "fp16_bytes": fp16_bytes, "fp16_bytes_per_token": fp16_bytes // tokens, "throughput": {},
         "bytes_per_token": {}})
-    floor = _timed(lambda: (k.to(torch.int8), v.to(torch.int8)), device, repeats)
+    floor = median_seconds(lambda: (k.to(torch.int8), v.to(torch.int8)), device, repeats, warmup=1)
     report["throughput"]["floor_cast_copy"] = {"seconds": floor, "gb_per_s": fp16_bytes / floor / 1e9}
     for name, config in THROUGHPUT.items():
         blob = pack(payload, config)
-        encode = _timed(lambda: pack(payload, config), device, repeats)
-        decode = _timed(lambda: unpack(blob, device=device), device, repeats)
+        encode = median_seconds(lambda: pack(payload, config), device, repeats, warmup=1)
+        decode = median_seconds(lambda: unpack(blob, device=device), device, repeats, warmup=1)
         report["throughput"][name] = {"encode_s": encode, "decode_s": decode, "blob_bytes": len(blob),
                                       "encode_gb_per_s": fp16_bytes / encode / 1e9,
                                       "decode_gb_per_s": fp16_bytes / decode / 1e9}

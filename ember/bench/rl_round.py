@@ -43,10 +43,12 @@ def from_run(folder: Path) -> dict:
     """The summary of a finished fig3 run (results.csv + manifest.json), per policy; its manifest's SHA."""
     csv, manifest_path = folder / "results.csv", folder / "manifest.json"
     if not csv.is_file() or not manifest_path.is_file():
-        raise ReportError(f"bench rl_round --from {folder}: expected results.csv and manifest.json, found neither or one")
+        raise ReportError(f"bench rl_round --from {folder}: expected results.csv and manifest.json, found neither "
+                          f"or one")
     df, manifest = pd.read_csv(csv), json.loads(manifest_path.read_text())
     params = manifest["params"]
-    per_policy = {policy: summarize(rows, params["prompts"], params["candidates"]) for policy, rows in df.groupby("policy")}
+    per_policy = {policy: summarize(rows, params["prompts"], params["candidates"])
+                  for policy, rows in df.groupby("policy")}
     return {"source": str(folder), "model": params["model"], "prompts": params["prompts"],
             "candidates": params["candidates"], "max_tokens": params["max_tokens"], "git": manifest["git"],
             "device": manifest["device"], "per_policy": per_policy}

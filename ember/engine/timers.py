@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 
 import torch
 
 STAGES = ("prefill", "decode", "sampling", "transfer")
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, repeats: int, warmup: int = 0) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after `warmup` untimed ones, the device synchronized
+    around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 class StageTimer:

@@ -56,7 +56,8 @@ def summarize(df: pd.DataFrame, tail: int = 2) -> pd.DataFrame:
     last = df[df["round"] >= df["round"].max() - tail + 1]
     probed = "k_rel_l2" in df.columns
     summary = df.groupby(["policy_key", "policy"], as_index=False, sort=False).agg(
-        rollout_s=("rollout_s", "sum"), median_round_rollout_s=("rollout_s", "median"), prefill_s=("prefill_s", "sum"), refresh_s=("refresh_s", "sum"),
+        rollout_s=("rollout_s", "sum"), median_round_rollout_s=("rollout_s", "median"),
+        prefill_s=("prefill_s", "sum"), refresh_s=("refresh_s", "sum"),
         decode_s=("decode_s", "sum"), train_s=("train_s", "sum"), swap_s=("swap_s", "sum"),
         tokens_layers=("tokens_layers_recomputed", "sum"), held_out_accuracy=("held_out_accuracy", "first"),
         peak_memory_bytes=("peak_memory_bytes", "max"), cache_bytes=("cache_bytes", "max"),

@@ -50,20 +50,19 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         name = f"policy={policy} trainer={trainer}"
         cells[name] = (lambda policy=policy, trainer=trainer, name=name:
                        rl_cell(engine, params, store, name, policy, trainer, task, held_out, progress))
-    cells["sync"] = lambda: _sync_cell(engine, params)
+    cells["sync"] = lambda: _sync_cell(engine, params, task)
     df = store.run(cells, progress)
     df["kind"] = "rl"
     df.loc[df["method"].notna(), "kind"] = "sync"
     return df, engine.provenance
 
 
-def _sync_cell(engine, params: Params) -> pd.DataFrame:
+def _sync_cell(engine, params: Params, task) -> pd.DataFrame:
     """Sync latency and weight memory of each stack, with an adapter of the run's shape that has been stepped
     once (so its B is not zero)."""
     trainer = make_trainer("sft", engine.model, TrainConfig(rank=params.rank, alpha=params.alpha,
                                                             targets=params.targets, seed=params.seed),
                            engine._pad_id)
-    task, _ = prompt_sets(engine, params)
     trainer.step(list(task.examples)[:1])
     rows = measure_sync(engine, trainer.adapter.to(), report_dir(params.target) / "sync", params.sync_repeats)
     return pd.DataFrame(rows)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ember.train.lora_trainer import LoraTrainer
-from ember.train.tokens import answer_nll
+from ember.train.sft import SFTTrainer
 
 
 def best_candidates(groups, min_reward: float) -> list:
@@ -16,22 +15,16 @@ def best_candidates(groups, min_reward: float) -> list:
     return chosen
 
 
-class BestOfNTrainer(LoraTrainer):
+class BestOfNTrainer(SFTTrainer):
     """SFT on the best candidate of every prompt whose best reward beats `config.min_reward`."""
 
     name = "best_of_n"
 
     def train(self, groups) -> dict:
-        """`steps_per_round` steps on the round's best candidates (none above the bar: no step)."""
+        """`steps_per_round` SFT steps on the round's best candidates (none above the bar: no step)."""
         examples = best_candidates(groups, self.config.min_reward)
         if not examples:
             return {"step": self.steps, "loss": float("nan"), "sequences": 0, "skipped": True}
-        tokens = sum(len(e.answer) for e in examples)
-
-        def loss_of(chunk):
-            nll, _ = answer_nll(self.model, list(chunk), self.pad_id)
-            return nll.sum() / tokens
-
         for _ in range(self.config.steps_per_round):
-            metrics = self.optimize(self.micro_batches(examples), loss_of)
-        return {**metrics, "sequences": len(examples), "tokens": tokens}
+            metrics = self.step(examples)
+        return {**metrics, "sequences": len(examples)}

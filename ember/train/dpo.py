@@ -46,7 +46,8 @@ class DPOTrainer(LoraTrainer):
             half, ref = len(chunk), reference[index]
             margin = (policy[:half] - ref[:half]) - (policy[half:] - ref[half:])  # (pairs,)
             margins.extend(margin.tolist())
-            return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.config.dpo_beta).sum() / len(pairs)
+            losses = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.config.dpo_beta)  # (pairs,)
+            return losses.sum() / len(pairs)
 
         for _ in range(self.config.steps_per_round):
             margins.clear()

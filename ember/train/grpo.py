@@ -11,7 +11,6 @@ import torch
 from ember.errors import TrainError
 from ember.train.lora_trainer import LoraTrainer
 from ember.train.losses import group_advantages, grpo_loss
-from ember.train.tokens import answer_rows
 
 
 class GRPOTrainer(LoraTrainer):
@@ -33,20 +32,20 @@ class GRPOTrainer(LoraTrainer):
             return {"step": self.steps, "loss": float("nan"), "sequences": 0, "skipped": True}
         chunks = list(enumerate(self.micro_batches(rows)))
         device = self.model.output_weight.device
-        reference = [self._answer_logprobs(self.reference_logprobs, chunk) for _, chunk in chunks] \
-            if self.config.kl_beta else None
+        reference = [self.reference_logprobs([e for e, _, _ in chunk])[0] for _, chunk in chunks] \
+            if self.config.kl_beta else None  # per chunk (b, W)
         stats, gaps = [], []
 
         def loss_of(indexed):
             index, chunk = indexed
-            new, mask = self._answer_logprobs(self.policy_logprobs, chunk)
+            new, mask = self.policy_logprobs([e for e, _, _ in chunk])  # (b, W), answers right-aligned
             old = torch.zeros_like(new)
             for row, (_, logprobs, _) in enumerate(chunk):
-                old[row, :len(logprobs)] = torch.tensor(logprobs, device=device)
+                old[row, new.shape[1] - len(logprobs):] = torch.tensor(logprobs, device=device)
             if first_step:
                 gaps.append(float(((new.detach() - old).abs() * mask).max()))
             gain = torch.tensor([a for _, _, a in chunk], device=device, dtype=new.dtype)
-            ref = reference[index][0] if reference is not None else None
+            ref = reference[index] if reference is not None else None
             loss, stat = grpo_loss(new, old, gain, mask, self.config.clip_eps, ref, self.config.kl_beta)
             stats.append(stat)
             return loss.sum() / len(rows)
@@ -58,13 +57,3 @@ class GRPOTrainer(LoraTrainer):
         mean = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
         return {**metrics, "sequences": len(rows), "logprob_gap_max": max(gaps), **mean}
 
-    def _answer_logprobs(self, logprobs_of, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """Answer-token log-probs (b, T) right-padded, and their mask (b, T), of a chunk's examples."""
-        examples = [example for example, _, _ in chunk]
-        values, weight = logprobs_of(examples)
-        lengths = [len(e.answer) for e in examples]
-        rows = answer_rows(values, weight, lengths)
-        mask = torch.zeros_like(rows)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-        return rows, mask

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.engine.sampling import SamplingParams
+from ember.engine.timers import synchronize
 from ember.errors import TrainError
 from ember.policies.probes import ProbeSpec, fresh_reference, probe
 from ember.train.checkpoint import load_checkpoint, save_checkpoint
@@ -41,11 +42,6 @@ class LoopConfig:
                 raise TrainError(f"LoopConfig.{name}: expected >= 1, found {getattr(self, name)}")
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _memory(device) -> dict:
     """Peak device memory since the last reset (CUDA) and the process's peak resident set."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -66,14 +62,14 @@ def run_round(runner, trainer, task, config: LoopConfig, round_index: int) -> di
     result = runner.generate(list(task.prompts), config.candidates, sampling, progress=False)
     rewards = [[task.score(i, c.text) for c in out.completions] for i, out in enumerate(result.outputs)]
     groups = groups_from(result, rewards, list(task.examples))
-    _sync(device)
+    synchronize(device)
     began = time.perf_counter()
     metrics = trainer.train(groups)
-    _sync(device)
+    synchronize(device)
     train_s = time.perf_counter() - began
     began = time.perf_counter()
     update = runner.update(trainer.adapter)
-    _sync(device)
+    synchronize(device)
     swap_s = time.perf_counter() - began - update["refresh_s"]
     after = runner.stats.as_dict()
     flat = [r for row in rewards for r in row]

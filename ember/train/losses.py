@@ -1,6 +1,6 @@
 """The RL losses on token log-probs, batched (the tests hold them against per-token loops).
 
-Shapes: b sequences, T answer tokens (right-padded; `mask` (b, T) is 1 on real tokens)."""
+Shapes: b sequences, T answer-token positions (`mask` (b, T) is 1 on real tokens, wherever they sit)."""
 
 from __future__ import annotations
 

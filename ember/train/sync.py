@@ -8,28 +8,12 @@ rollout copy, or reloads the merged weights from a safetensors file on disk. Eac
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from ember.engine.timers import median_seconds
 from ember.models.lora import lora_modules
-
-
-def _timed(fn, device, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` calls (device synchronized around each)."""
-    cuda = torch.device(device).type == "cuda"
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def tensor_bytes(tensors) -> int:
@@ -62,7 +46,7 @@ def measure_sync(engine, adapter, folder: Path, repeats: int = 3) -> list[dict]:
 
     model, device = engine.model, engine.device
     one_copy = tensor_bytes(model.parameters())
-    swap = _timed(lambda: engine.set_adapter(engine.load_adapter(adapter, "sync-probe")), device, repeats)
+    swap = median_seconds(lambda: engine.set_adapter(engine.load_adapter(adapter, "sync-probe")), device, repeats)
     engine.set_adapter(None)
     engine.remove_adapter("sync-probe")
     cuda = torch.device(device).type == "cuda"
@@ -76,7 +60,7 @@ def measure_sync(engine, adapter, folder: Path, repeats: int = 3) -> list[dict]:
         for name, value in merged_state(model, adapter).items():
             targets[name].copy_(value)
 
-    copied = _timed(copy_merged, device, repeats)
+    copied = median_seconds(copy_merged, device, repeats)
     path = Path(folder) / "merged.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in merged_state(model, adapter).items()}, str(path))
@@ -86,7 +70,7 @@ def measure_sync(engine, adapter, folder: Path, repeats: int = 3) -> list[dict]:
         for name, value in load_file(str(path)).items():
             targets[name].copy_(value)
 
-    reloaded = _timed(reload, device, repeats)
+    reloaded = median_seconds(reload, device, repeats)
     path.unlink()
     del rollout_copy, targets
     return [{"method": "in-place adapter swap (unified)", "sync_s": swap, "weights_bytes": one_copy},

@@ -62,14 +62,3 @@ def answer_nll(model, examples: list[Example], pad_id: int = 0) -> tuple[torch.T
     chosen, weight = token_logprobs(model, examples, pad_id)
     return -(chosen * weight).sum(-1), weight.sum(-1)
 
-
-def answer_rows(values: torch.Tensor, weight: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Right-aligned answer positions of (b, W) `values` as (b, max(lengths)), zero-padded on the right, so
-    row i's column j is its answer token j (`weight` checks the alignment)."""
-    width = max(lengths)
-    out = values.new_zeros(len(lengths), width)
-    for row, length in enumerate(lengths):
-        if weight[row, -length:].sum().item() != length:
-            raise TrainError(f"answer_rows: expected {length} answer tokens at the end of row {row}")
-        out[row, :length] = values[row, -length:]
-    return out

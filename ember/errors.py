@@ -51,3 +51,7 @@ class PolicyError(EmberError):
 
 class TrainError(EmberError):
     """A trainer got examples, an adapter or a checkpoint it cannot use."""
+
+
+class CommError(EmberError):
+    """A cache-to-cache request is invalid: selection, allocation, pair, fuser or byte cap."""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ember.engine.cache import KVCache
 from ember.engine.cuda_graph import DecodeGraph
+from ember.engine.past import PastKV
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
@@ -339,15 +340,22 @@ class Engine:
         return cache
 
     def generate(self, prompts, n: int = 1, sampling: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool | None = None, use_prefix_cache: bool = True) -> GenerationResult:
+                 progress: bool | None = None, use_prefix_cache: bool = True,
+                 past: list[PastKV] | None = None) -> GenerationResult:
         """Generate `n` candidates for each prompt (text, or a list of token ids).
 
         `sampling` is one SamplingParams for all prompts or a list with one per prompt. Prompts are batched
         up to `max_batch_size` rows (prompts x n); each prompt is prefilled once per batch and its K/V shared
         by its candidates. Cached prefixes (across calls, and shared within the batch) are reused unless
-        `use_prefix_cache` is False. Returns outputs in prompt order with a stage timing breakdown.
+        `use_prefix_cache` is False. `past` (one PastKV per prompt) puts given K/V before each prompt (a
+        received cache), the prompt starting at its next position; the prefix cache is then not used.
+        Returns outputs in prompt order with a stage timing breakdown.
         """
-        run = self._run(self._requests(prompts, n, sampling), n, progress, use_prefix_cache, stream=False)
+        requests = self._requests(prompts, n, sampling)
+        if past is not None:
+            self._check_past(past, requests)
+            use_prefix_cache = False
+        run = self._run(requests, n, progress, use_prefix_cache, stream=False, past=past)
         while True:  # yields nothing when not streaming; the result is the generator's return value
             try:
                 next(run)
@@ -361,8 +369,23 @@ class Engine:
         arguments raise here, before the first event."""
         return self._run(self._requests(prompts, n, sampling), n, False, use_prefix_cache, stream=True)
 
+    def _check_past(self, past, requests: list[_Request]) -> None:
+        if not isinstance(past, (list, tuple)) or len(past) != len(requests):
+            found = f"{len(past)}" if isinstance(past, (list, tuple)) else _kind(past)
+            raise GenerationError(f"past: expected a list of one PastKV per prompt ({len(requests)}), found {found}")
+        limit = self.model.config.max_position_embeddings
+        for request, item in zip(requests, past):
+            if not isinstance(item, PastKV):
+                raise GenerationError(f"past {request.index}: expected a PastKV, found {_kind(item)}")
+            item.check(self.model.config, request.index)
+            end = item.next_position + len(request.prompt) + request.params.max_tokens
+            if end > limit:
+                raise GenerationError(f"past {request.index}: position {item.next_position} + prompt and max_tokens "
+                                      f"reach {end}, beyond the model's context length {limit}")
+
     @torch.inference_mode()
-    def _run(self, requests: list[_Request], n: int, progress, use_prefix_cache: bool, stream: bool):
+    def _run(self, requests: list[_Request], n: int, progress, use_prefix_cache: bool, stream: bool,
+             past: list[PastKV] | None = None):
         """The generation loop behind `generate` and `stream`: yields StreamEvents when `stream`, returns the
         GenerationResult."""
         timer = StageTimer(self.device)
@@ -376,7 +399,8 @@ class Engine:
         with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
                   leave=False) as bar, self._own_slots():
             for batch in batches:
-                outputs.extend((yield from self._run_batch(batch, n, timer, bar, use_prefix_cache, stream)))
+                pasts = None if past is None else [past[r.index] for r in batch]
+                outputs.extend((yield from self._run_batch(batch, n, timer, bar, use_prefix_cache, stream, pasts)))
         timings = timer.totals()
         timings["total"] = time.perf_counter() - began
         generated = sum(len(c.token_ids) for out in outputs for c in out.completions)
@@ -442,7 +466,8 @@ class Engine:
             requests.append(_Request(i, prompt, p, seed, stop_ids))
         return requests
 
-    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool, stream: bool):
+    def _run_batch(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool, stream: bool,
+                   pasts: list[PastKV] | None = None):
         """Decode one batch to the end: yields each step's StreamEvents when `stream`, returns its outputs."""
         device, vocab = self.device, self.model.config.vocab_size
         max_new = max(r.params.max_tokens for r in requests)
@@ -456,7 +481,7 @@ class Engine:
         with timer.stage("prefill"):
             cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, self._pad_id,
                                     lambda batch, capacity: self._workspace(batch, capacity, timer), versions,
-                                    self.prefix_cache if use_cache else None)
+                                    self.prefix_cache if use_cache else None, pasts)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
         graph = self._graphs.get(self._graph_key(cache)) if self._graphs_on() else None
         if graph is not None:

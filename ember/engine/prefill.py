@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ember.engine.cache import KVCache
+from ember.engine.past import PastKV
 from ember.engine.prefix_cache import PrefixCache, PrefixMatch
 from ember.engine.steps import append_step
 from ember.errors import GenerationError
@@ -28,25 +29,36 @@ NewCache = Callable[[int, int], KVCache]  # (batch, capacity) -> an empty cache
 
 
 def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pad_id: int, new_cache: NewCache,
-            versions: LayerVersions, prefix_cache: PrefixCache | None = None) -> tuple[KVCache, torch.Tensor]:
+            versions: LayerVersions, prefix_cache: PrefixCache | None = None,
+            pasts: list[PastKV] | None = None) -> tuple[KVCache, torch.Tensor]:
     """Prefill `prompts` once each into a cache of len(prompts) * group rows with room for `extra_capacity`
-    more tokens. Returns the cache and last-token logits (len(prompts), V)."""
+    more tokens. Returns the cache and last-token logits (len(prompts), V).
+
+    `pasts` (one per prompt, or None) places given K/V before each prompt in the reused-prefix slots, the
+    prompt continuing at the past's next position; the prefix cache is not used then."""
+    if pasts is not None:
+        if len(pasts) != len(prompts):
+            raise GenerationError(f"pasts: expected one per prompt ({len(prompts)}), found {len(pasts)}")
+        prefix_cache = None
     if prefix_cache is not None:
         warm_shared_prefixes(model, prompts, pad_id, prefix_cache, versions)
-    return _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache)
+    return _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache, pasts)
 
 
-def _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache):
+def _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache, pasts=None):
     device = model.output_weight.device
     matches = [prefix_cache.match(p, versions) if prefix_cache is not None else PrefixMatch(0, []) for p in prompts]
     try:
-        head = max(m.tokens for m in matches)
+        heads = [m.tokens for m in matches] if pasts is None else [past.tokens for past in pasts]
+        head = max(heads)
         suffixes = [p[m.tokens:] for p, m in zip(prompts, matches)]
         width = max(map(len, suffixes))
         cache = new_cache(len(prompts) * group, head + width + extra_capacity)
         for index, match in enumerate(matches):
-            if match.tokens:
-                rows = slice(index * group, (index + 1) * group)
+            rows = slice(index * group, (index + 1) * group)
+            if pasts is not None:
+                cache.load(rows, head - heads[index], pasts[index].kv, pasts[index].next_position)
+            elif pasts is None and match.tokens:
                 cache.load(rows, head - match.tokens, PrefixCache.gather(match), match.tokens)
         if head:
             cache.skip_to(head)

@@ -166,6 +166,19 @@ def expected_size(config: WireConfig, layers: int, heads: int, head_dim: int, to
     return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
 
 
+def size_for_counts(config: WireConfig, layers: int, heads: int, head_dim: int, counts: dict[str, int],
+                    has_map: bool, max_position: int) -> int:
+    """Exact length of an uncompressed blob carrying `counts[precision]` tokens of each precision at every
+    layer (no layer map), positions up to `max_position`: the arithmetic of `expected_size` from counts alone,
+    so an allocator can price a candidate without building its map."""
+    groups = [(PRECISION_CODES[name], count) for name, count in counts.items() if count]
+    segments = [(layer, code, count) for layer in range(layers) for code, count in sorted(groups)]
+    payload, scales = _section_sizes(config, heads, head_dim, segments)
+    tokens = sum(count for _, count in groups)
+    width = 4 if max_position >= 65536 else 2
+    return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 

@@ -1,0 +1,174 @@
+"""The equal-byte harness: every method answers the same items with the same prompts and greedy decoding,
+at the same per-sample byte caps, and each row logs the cap, the bytes actually sent and the times.
+
+Methods (spelled as in params): `alone` (the receiver without the context), `context` (the receiver reading
+the context itself: the ceiling), `text:raw` (the context cut to the cap), `text:hint` (the sharer's
+one-sentence hint cut to the cap), and `kv:<selection>:<precision>` / `rd:<selection>:<p1>+<p2>` (K/V
+selected, or allocated over several precisions, under the cap). Cap-free methods run once per item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ember.comm.items import CommItem
+from ember.comm.prompt import PromptParts, prompt_parts
+from ember.comm.text import truncate_utf8, write_hints
+from ember.comm.transfer import KVMethod, encode_context, receive, sharer_context_kv
+from ember.engine import SamplingParams
+from ember.errors import CommError
+
+CAP_FREE = ("alone", "context")
+TEXT_METHODS = ("text:raw", "text:hint")
+
+
+def parse_method(spec: str) -> str | KVMethod:
+    """A method name from params: one of CAP_FREE or TEXT_METHODS, or a KVMethod for kv:/rd: specs."""
+    if spec in CAP_FREE or spec in TEXT_METHODS:
+        return spec
+    kind, _, rest = spec.partition(":")
+    selection, _, precisions = rest.partition(":")
+    if kind not in ("kv", "rd") or not selection or not precisions:
+        raise CommError(f"method: expected one of {CAP_FREE + TEXT_METHODS}, 'kv:<selection>:<precision>' or "
+                        f"'rd:<selection>:<p1>+<p2>', found {spec!r}")
+    method = KVMethod(selection, tuple(precisions.split("+")))
+    if (kind == "kv") != (len(method.precisions) == 1):
+        raise CommError(f"method {spec!r}: 'kv' takes one precision and 'rd' several")
+    return method
+
+
+@dataclass
+class Sample:
+    """One item prepared for the harness: its prompt spans, and (lazily) the sharer's K/V and hint."""
+
+    item: CommItem
+    parts: PromptParts
+    kv: torch.Tensor | None = None
+    sharer_prefill_ms: float = 0.0
+    hint: str | None = None
+    hint_ms: float = 0.0
+
+
+class Harness:
+    """Runs methods at caps over items for one (receiver, sharer) pair of engines."""
+
+    def __init__(self, receiver, sharer, items: list[CommItem], max_tokens: int = 16, hint_max_tokens: int = 64,
+                 seed: int = 0, progress: bool | None = None):
+        if receiver.tokenizer is None or sharer.tokenizer is None:
+            raise CommError("harness: both engines need a tokenizer")
+        self.receiver, self.sharer = receiver, sharer
+        self.same_model = receiver is sharer
+        self.max_tokens, self.hint_max_tokens, self.seed = max_tokens, hint_max_tokens, seed
+        self.progress = progress
+        self.samples = [Sample(item, prompt_parts(receiver.tokenizer, item.context, item.question)) for item in items]
+        self._head_kv = {}
+
+    # ---- what the sharer computes once per item ------------------------------------------------------
+    def _check_kv_pair(self) -> None:
+        shape = lambda c: (c.num_layers, c.num_kv_heads, c.head_dim)  # noqa: E731
+        mine, theirs = shape(self.receiver.model.config), shape(self.sharer.model.config)
+        if mine != theirs:
+            raise CommError("context transfer without a projector needs the sharer's cache shape (layers, KV heads, "
+                            f"head dim) to match the receiver's: expected {mine}, found {theirs}")
+
+    def _sharer_kv(self, sample: Sample) -> torch.Tensor:
+        if sample.kv is None:
+            parts = (sample.parts if self.same_model else
+                     prompt_parts(self.sharer.tokenizer, sample.item.context, sample.item.question))
+            began = time.perf_counter()
+            sample.kv = sharer_context_kv(self.sharer, parts.head, parts.context)
+            sample.sharer_prefill_ms = 1e3 * (time.perf_counter() - began)
+        return sample.kv
+
+    def _hints(self) -> None:
+        todo = [s for s in self.samples if s.hint is None]
+        if todo:
+            hints, timings = write_hints(self.sharer, [s.item.context for s in todo],
+                                         [s.item.question for s in todo], self.hint_max_tokens)
+            for sample, hint in zip(todo, hints):
+                sample.hint, sample.hint_ms = hint, 1e3 * timings["total"] / len(todo)
+
+    def _receiver_head(self, head: list[int]) -> torch.Tensor:
+        key = tuple(head)
+        if key not in self._head_kv:
+            config = self.receiver.model.config
+            empty = torch.zeros(config.num_layers, 2, config.num_kv_heads, 0, config.head_dim,
+                                dtype=self.receiver.dtype, device=self.receiver.device)
+            self._head_kv[key] = self.receiver.prefill_kv(head, use_prefix_cache=False)[0] if head else empty
+        return self._head_kv[key]
+
+    # ---- one method at one cap over every item -------------------------------------------------------
+    def run(self, methods: list[str], caps: list[int | None]) -> list[dict]:
+        """Rows for every (method, cap, item); cap None is full transfer (no cap)."""
+        parsed = [(spec, parse_method(spec)) for spec in methods]
+        if any(isinstance(m, KVMethod) for _, m in parsed):
+            self._check_kv_pair()
+        if any(m == "text:hint" for _, m in parsed):
+            self._hints()
+        cells = [(spec, m, None) for spec, m in parsed if m in CAP_FREE]
+        cells += [(spec, m, cap) for spec, m in parsed if m not in CAP_FREE for cap in caps]
+        rows = []
+        for spec, method, cap in tqdm(cells, desc="methods x caps", disable=None if self.progress is None
+                                      else not self.progress):
+            rows.extend(self._cell(spec, method, cap))
+        return rows
+
+    def _cell(self, spec: str, method, cap: int | None) -> list[dict]:
+        prompts, pasts, rows = [], [], []
+        for sample in self.samples:
+            row = {"item_id": sample.item.item_id, "task": sample.item.task, "method": spec,
+                   "family": spec.split(":")[0] if ":" in spec else spec, "cap": cap,
+                   "context_tokens": len(sample.parts.context), "truncated": False, "tokens_sent": 0}
+            prompt, past = self._prepare(sample, method, cap, row)
+            prompts.append(prompt)
+            pasts.append(past)
+            rows.append(row)
+        sampling = SamplingParams(temperature=0, max_tokens=self.max_tokens)
+        use_past = any(p is not None for p in pasts)
+        if use_past:
+            pasts = [p if p is not None else self._no_past(s) for p, s in zip(pasts, self.samples)]
+        began = time.perf_counter()
+        result = self.receiver.generate(prompts, sampling=sampling, progress=False,
+                                        use_prefix_cache=False, past=pasts if use_past else None)
+        receiver_ms = 1e3 * (time.perf_counter() - began) / len(prompts)  # batch time, per sample
+        for row, sample, out in zip(rows, self.samples, result.outputs):
+            text = out.completions[0].text
+            row.update(output=text, correct=bool(sample.item.score(text)), receiver_ms=receiver_ms)
+            row["slack"] = None if cap is None else cap - row["bytes"]
+            row["e2e_ms"] = sum(row.get(k, 0.0) for k in ("sharer_ms", "select_ms", "encode_ms", "decode_ms",
+                                                            "receiver_ms"))
+        return rows
+
+    def _no_past(self, sample: Sample):
+        """A past holding only the receiver's head (batched with samples that have one)."""
+        return receive(None, self._receiver_head(sample.parts.head), 0, self.receiver.device, self.receiver.dtype)[0]
+
+    def _prepare(self, sample: Sample, method, cap: int | None, row: dict):
+        """The receiver's prompt tokens and past for one sample, filling the row's bytes and times."""
+        parts = sample.parts
+        if method == "alone":
+            row["bytes"] = 0
+            return parts.without_context, None
+        if method == "context":
+            row["bytes"] = len(sample.item.context.encode("utf-8"))
+            return parts.full, None
+        if method in TEXT_METHODS:
+            raw = method == "text:raw"
+            text = sample.item.context if raw else sample.hint
+            sent, cut = (text, False) if cap is None else truncate_utf8(text, cap)
+            row.update(bytes=len(sent.encode("utf-8")), truncated=cut, message=sent,
+                       sharer_ms=0.0 if raw else sample.hint_ms)
+            return parts.head + (self.receiver.tokenizer.encode(sent) if sent else []) + parts.tail, None
+        kv = self._sharer_kv(sample)
+        encoded = encode_context(kv, method, cap, seed=self.seed)
+        head_kv = self._receiver_head(parts.head)
+        past, decode_ms = receive(encoded.blob, head_kv, kv.shape[3], self.receiver.device, self.receiver.dtype)
+        row.update(bytes=encoded.nbytes, tokens_sent=encoded.tokens_sent, sharer_ms=sample.sharer_prefill_ms,
+                   select_ms=encoded.select_ms, encode_ms=encoded.encode_ms, decode_ms=decode_ms,
+                   **{f"bytes_{k}": v for k, v in encoded.breakdown.items()},
+                   **{f"tokens_{p}": encoded.groups.count(p) for p in method.precisions})
+        return parts.tail, past

@@ -1,0 +1,110 @@
+"""Context transfer of K/V: the sharer prefills a context, picks and quantizes its tokens under a byte cap,
+packs them with KVWire; the receiver unpacks the blob and attends to it before its question.
+
+Nothing is estimated: the bytes are `len(blob)`, the receiver decodes the very blob that was packed, and a
+cap the blob would exceed sends fewer tokens (or nothing at all).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ember.engine.past import PastKV
+from ember.errors import CommError
+from ember.kv.allocate import LADDER, allocate, payload_for
+from ember.kv.select import SELECTION_MODES, token_scores
+from ember.kv.wire import WireConfig, inspect, pack, unpack
+
+UNLIMITED = 1 << 62  # the cap of a full transfer
+
+
+@dataclass(frozen=True)
+class KVMethod:
+    """How a context's K/V is cut to a cap: a selection mode and the precisions a token may take besides
+    drop (one precision: token selection; several: rate-distortion allocation), on a KVWire config."""
+
+    selection: str = "front"
+    precisions: tuple[str, ...] = ("int8",)
+    granularity: str = "token"
+    block_tokens: int = 1
+
+    def __post_init__(self):
+        if self.selection not in SELECTION_MODES:
+            raise CommError(f"selection: expected one of {SELECTION_MODES}, found {self.selection!r}")
+        if not self.precisions or any(p not in LADDER[1:] for p in self.precisions):
+            raise CommError(f"precisions: expected one or more of {LADDER[1:]}, found {list(self.precisions)}")
+
+    @property
+    def name(self) -> str:
+        kind = "rd" if len(self.precisions) > 1 else "kv"
+        return f"{kind}:{self.selection}:{'+'.join(self.precisions)}"
+
+    def wire_config(self, scheme: str) -> WireConfig:
+        return WireConfig(scheme, self.granularity, self.block_tokens)
+
+
+@dataclass
+class Encoded:
+    """What a sharer sends for one sample: the blob (None when nothing fits), its size and breakdown, the
+    tokens kept per precision, and the select / encode times (ms)."""
+
+    blob: bytes | None
+    nbytes: int
+    groups: list[str]
+    breakdown: dict = field(default_factory=dict)
+    select_ms: float = 0.0
+    encode_ms: float = 0.0
+
+    @property
+    def tokens_sent(self) -> int:
+        return sum(g != "drop" for g in self.groups)
+
+
+def sharer_context_kv(engine, head: list[int], context: list[int]) -> torch.Tensor:
+    """The sharer's K/V (L, 2, H, c, D) of the context tokens, read after the template head (the positions a
+    receiver reading the whole prompt would give them)."""
+    if not context:
+        raise CommError("context: expected at least one token, found none")
+    kv, _ = engine.prefill_kv(head + context, use_prefix_cache=False)
+    return kv[:, :, :, len(head):]
+
+
+def encode_context(kv: torch.Tensor, method: KVMethod, cap: int | None, seed: int = 0) -> Encoded:
+    """Select / allocate the context's tokens under `cap` bytes (None: no cap) and pack them."""
+    k, v = kv[:, 0], kv[:, 1]  # (L, H, c, D)
+    layers, heads, tokens, dim = k.shape
+    limit = UNLIMITED if cap is None else cap
+    began = time.perf_counter()
+    scores = token_scores(method.selection, k, v, seed=seed)
+    allocation = allocate(scores, ("drop",) + method.precisions, method.wire_config(method.precisions[-1]),
+                          layers, heads, dim, limit, tokens)
+    selected = time.perf_counter()
+    if not allocation.kept:
+        return Encoded(None, 0, allocation.groups, {}, 1e3 * (selected - began), 0.0)
+    payload, scheme = payload_for(k, v, allocation.groups, tokens)
+    blob = pack(payload, method.wire_config(scheme))
+    packed = time.perf_counter()
+    if len(blob) != allocation.nbytes or len(blob) > limit:
+        raise CommError(f"KVWire blob: expected {allocation.nbytes} bytes within the cap {cap}, found {len(blob)}")
+    return Encoded(blob, len(blob), allocation.groups, inspect(blob).breakdown, 1e3 * (selected - began),
+                   1e3 * (packed - selected))
+
+
+def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device, dtype) -> tuple[PastKV, float]:
+    """The receiver's past: its own head K/V (L, 2, H, h, D) then the decoded context tokens, the question
+    starting after the whole context; and the decode time (ms). No blob: the head alone."""
+    began = time.perf_counter()
+    parts = [head_kv]
+    if blob is not None:
+        payload = unpack(blob, device=device)
+        parts.append(torch.stack([payload.k, payload.v], dim=1).to(dtype))  # (L, 2, H, m, D)
+    past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len)
+    return past, 1e3 * (time.perf_counter() - began)
+
+
+def full_transfer(method: KVMethod = KVMethod("front", ("fp16",))) -> KVMethod:
+    """The method that sends every token at fp16 (with `encode_context(..., cap=None)`)."""
+    return replace(method, precisions=("fp16",))

@@ -58,10 +58,11 @@ def test_rd_with_one_precision_is_selection_at_the_same_bytes(cap, tokens, mode,
 @given(cap=st.integers(0, 20000), tokens=st.integers(1, 60), mode=st.sampled_from(CHEAP_MODES),
        candidates=st.sampled_from([("drop", "int8"), ("drop", "int4", "int8"), ("drop", "int4", "int8", "fp16"),
                                    ("drop", "int4", "fp16")]),
-       granularity=st.sampled_from(["token", "head", "kivi"]), seed=st.integers(0, 5))
-def test_no_sample_exceeds_its_cap_and_bytes_are_the_blob(cap, tokens, mode, candidates, granularity, seed):
+       granularity=st.sampled_from(["token", "head", "kivi", "layer", "tensor"]), block=st.sampled_from([1, 3]),
+       seed=st.integers(0, 5))
+def test_no_sample_exceeds_its_cap_and_bytes_are_the_blob(cap, tokens, mode, candidates, granularity, block, seed):
     kv = _kv(tokens=tokens, seed=seed)
-    method = KVMethod(mode, candidates[1:], granularity=granularity)
+    method = KVMethod(mode, candidates[1:], granularity=granularity, block_tokens=block)
     encoded = encode_context(kv, method, cap, seed=seed)
     assert encoded.nbytes <= cap
     if encoded.blob is None:

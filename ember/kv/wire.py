@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy
 import torch
@@ -169,14 +169,26 @@ def expected_size(config: WireConfig, layers: int, heads: int, head_dim: int, to
 def size_for_counts(config: WireConfig, layers: int, heads: int, head_dim: int, counts: dict[str, int],
                     has_map: bool, max_position: int) -> int:
     """Exact length of an uncompressed blob carrying `counts[precision]` tokens of each precision at every
-    layer (no layer map), positions up to `max_position`: the arithmetic of `expected_size` from counts alone,
-    so an allocator can price a candidate without building its map."""
-    groups = [(PRECISION_CODES[name], count) for name, count in counts.items() if count]
-    segments = [(layer, code, count) for layer in range(layers) for code, count in sorted(groups)]
-    payload, scales = _section_sizes(config, heads, head_dim, segments)
-    tokens = sum(count for _, count in groups)
+    layer (no layer map), positions up to `max_position`: the arithmetic of `expected_size` from counts alone
+    (every layer holds the same segments, so one layer's sections are priced and multiplied), cheap enough for
+    an allocator to price each candidate step."""
+    present = sorted((PRECISION_CODES[name], count) for name, count in counts.items() if count)
+    tokens = sum(count for _, count in present)
     width = 4 if max_position >= 65536 else 2
-    return HEADER.size + width * tokens + (layers + tokens if has_map else 0) + payload + scales + CHECKSUM_BYTES
+    total = HEADER.size + width * tokens + (layers + tokens if has_map else 0) + CHECKSUM_BYTES
+    for code, count in present:
+        payload, scales = _segment_sizes(config, heads, head_dim, code, count)
+        total += layers * (payload + scales)
+    if config.granularity == "tensor":
+        total += _section_sizes(config, heads, head_dim, [(0, code, 1) for code, _ in present])[1]
+    return total
+
+
+def _segment_sizes(config: WireConfig, heads: int, head_dim: int, code: int, count: int) -> tuple[int, int]:
+    """(payload, scale) bytes of one layer's segment of `count` tokens (tensor-shared scales excluded)."""
+    if config.granularity == "tensor":
+        return _section_sizes(replace(config, granularity="layer"), heads, head_dim, [(0, code, count)])[0], 0
+    return _section_sizes(config, heads, head_dim, [(0, code, count)])
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

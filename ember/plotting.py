@@ -146,3 +146,37 @@ def cumulative_cost(df, summary, title: str):
     fig.suptitle(title, y=1.17)
     fig.tight_layout()
     return fig
+
+
+def budget_curves(summary, title: str):
+    """fig7: accuracy (%, 95% intervals) against the mean bytes actually sent (log axis), one line per method
+    over its caps (full transfer the rightmost point); cache methods solid, text dashed; the receiver alone
+    and the receiver reading the context as horizontal references. Points that sent nothing are left off
+    (they are the receiver alone)."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    capped = summary[~summary["method"].isin(("alone", "context"))]
+    methods = list(dict.fromkeys(capped["method"]))
+    colors = dict(zip(methods, sns.color_palette("deep", len(methods))))
+    for method in methods:
+        part = capped[(capped["method"] == method) & (capped["bytes_mean"] > 0)].sort_values("bytes_mean")
+        if part.empty:
+            continue
+        y = 100 * part["accuracy"]
+        err = [100 * (part["accuracy"] - part["ci_low"]), 100 * (part["ci_high"] - part["accuracy"])]
+        style = "--" if method.startswith("text") else "-"
+        ax.errorbar(part["bytes_mean"], y, yerr=err, linestyle=style, marker="o", markersize=3, capsize=2,
+                    color=colors[method], label=method)
+    for method, style in (("alone", ":"), ("context", "-.")):
+        part = summary[summary["method"] == method]
+        if not part.empty:
+            label = "receiver alone" if method == "alone" else "receiver reads the context"
+            ax.axhline(100 * part["accuracy"].iloc[0], color="0.4", linestyle=style, linewidth=1, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per sample (measured, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,7 @@ from ember.errors import ParamsError
 
 EXPERIMENTS = {
     "prefill_share": "ember.experiments.prefill_share",
+    "budget_curves": "ember.experiments.budget_curves",
     "cumulative_cost": "ember.experiments.cumulative_cost",
     "prefix_savings": "ember.experiments.prefix_savings",
     "stale_kv": "ember.experiments.stale_kv",

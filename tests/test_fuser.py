@@ -20,10 +20,27 @@ def test_layer_map_is_last_aligned_and_clamped():
         layer_map(0, 3)
 
 
-def _pair(hidden=16):
+def _pair(hidden=16, trained=True):
+    """A fuser for a 3-layer receiver and a 2-layer sharer; `trained` gives its projection heads random
+    weights (a fresh fuser's are zero)."""
     receiver = preset_config("tiny-qwen2", num_layers=3)
     sharer = preset_config("tiny-llama", num_layers=2, num_kv_heads=1, head_dim=8)
-    return Fuser(receiver, sharer, hidden), receiver, sharer
+    torch.manual_seed(0)
+    fuser = Fuser(receiver, sharer, hidden)
+    if trained:
+        for layer in fuser.paths:
+            for path in layer:
+                torch.nn.init.normal_(path.project.weight)
+    return fuser, receiver, sharer
+
+
+def test_a_fresh_fuser_is_the_receiver_with_every_gate_open():
+    fuser, receiver, sharer = _pair(trained=False)
+    mine, theirs = _kvs(receiver, sharer)
+    fuser.eval()
+    assert fuser.gates().eq(1).all()
+    with torch.no_grad():
+        assert torch.equal(fuser(mine, theirs), mine)
 
 
 def _kvs(receiver, sharer, b=2, tokens=5):

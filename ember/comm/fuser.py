@@ -17,6 +17,8 @@ from torch import nn
 
 from ember.errors import CommError
 
+GATE_INIT = 0.5  # initial gate logit: every layer fuses until training closes it
+
 
 def layer_map(receiver_layers: int, sharer_layers: int) -> list[int]:
     """The sharer layer each receiver layer reads (last-aligned, clamped at the sharer's first and last)."""
@@ -73,7 +75,11 @@ class Fuser(nn.Module):
         sharer_width = sharer_config.num_kv_heads * sharer_config.head_dim
         self.paths = nn.ModuleList(nn.ModuleList(FusePath(sharer_width, heads * dim, heads, hidden) for _ in "kv")
                                    for _ in range(layers))
-        self.gate_logits = nn.Parameter(torch.zeros(layers, 2))  # (L_r, K/V)
+        for layer in self.paths:  # the projection head starts at zero: an untrained fuser is the receiver itself
+            for path in layer:
+                nn.init.zeros_(path.project.weight)
+                nn.init.zeros_(path.project.bias)
+        self.gate_logits = nn.Parameter(torch.full((layers, 2), GATE_INIT))  # (L_r, K/V): open at the start
         self.temperature = 1.0
 
     def gates(self) -> torch.Tensor:

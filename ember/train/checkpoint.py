@@ -20,14 +20,16 @@ from ember.report import atomic_directory, atomic_write
 LATEST = "LATEST"
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """The Python, torch and (where present) CUDA generator states."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore the states `rng_state` returned."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -40,7 +42,7 @@ def save_checkpoint(folder, round_index: int, trainer, runner, rows: list[dict],
     name = f"round-{round_index:04d}"
     with atomic_directory(folder / name) as tmp:
         trainer.save(tmp / "adapter")
-        torch.save({"trainer": trainer.state_dict(), "rng": _rng_state(), "runner": runner.state()},
+        torch.save({"trainer": trainer.state_dict(), "rng": rng_state(), "runner": runner.state()},
                    tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps({"round": round_index, "rows": rows, "meta": meta},
                                                   indent=1, default=str))
@@ -73,5 +75,5 @@ def load_checkpoint(folder, trainer, runner, meta: dict) -> tuple[int, list[dict
                                dtype=model.output_weight.dtype)
     trainer.restore(adapter, state["trainer"])
     runner.restore(state["runner"], adapter)
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return loop["round"], loop["rows"]

@@ -164,7 +164,8 @@ def export_fuser(run: FuserRun, folder, manifest: dict, train_ids: list[str]) ->
     with atomic_directory(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in run.fuser.state_dict().items()},
                   tmp / "fuser.safetensors")
-        body = {**manifest, "hidden": run.fuser.hidden, "steps_done": len(run.history), "finished": run.finished,
+        body = {**manifest, "hidden": run.fuser.hidden, "receiver_shape": list(run.fuser.receiver_shape),
+                "sharer_shape": list(run.fuser.sharer_shape), "steps_done": len(run.history), "finished": run.finished,
                 "train_seconds": run.seconds, "gates": run.fuser.gates().tolist(), "history": run.history}
         (tmp / "manifest.json").write_text(json.dumps(body, indent=1, default=str))
         (tmp / "train_ids.json").write_text(json.dumps(train_ids))
@@ -182,6 +183,10 @@ def load_fuser(folder, receiver_config, sharer_config, device="cpu") -> tuple[Fu
         raise CommError(f"fuser {folder}: expected fuser.safetensors, manifest.json and train_ids.json "
                         f"({error})") from error
     fuser = Fuser(receiver_config, sharer_config, manifest["hidden"])
+    for side, shape in (("receiver", fuser.receiver_shape), ("sharer", fuser.sharer_shape)):
+        if manifest.get(f"{side}_shape") != list(shape):
+            raise CommError(f"fuser {folder}: made for a {side} of (layers, KV heads, head dim) "
+                            f"{manifest.get(f'{side}_shape')}, found {list(shape)}: it does not fit this pair")
     try:
         fuser.load_state_dict(weights)
     except RuntimeError as error:

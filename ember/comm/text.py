@@ -9,6 +9,8 @@ from ember.tasks.evaluate import render
 
 HINT_INSTRUCTION = ("Read the text and the question below. Write one sentence giving the background from the "
                     "text that the question needs. Do not answer the question.")
+HINT_INSTRUCTION_NO_TEXT = ("Read the question below. Write one sentence of background knowledge that helps to "
+                            "answer it. Do not answer the question.")
 
 
 def truncate_utf8(text: str, cap: int) -> tuple[str, bool]:
@@ -26,8 +28,10 @@ def truncate_utf8(text: str, cap: int) -> tuple[str, bool]:
 
 
 def hint_prompt(tokenizer, context: str, question: str) -> str:
-    """The sharer's prompt for a hint (one fixed wrapper for every item)."""
-    content = f"{HINT_INSTRUCTION}\n\nText: {context}\n\nQuestion: {question}"
+    """The sharer's prompt for a hint (one fixed wrapper for every item; without a context, for shared-context
+    prompts, the question alone)."""
+    content = (f"{HINT_INSTRUCTION}\n\nText: {context}\n\nQuestion: {question}" if context
+               else f"{HINT_INSTRUCTION_NO_TEXT}\n\nQuestion: {question}")
     return render(tokenizer, [{"role": "user", "content": content}])
 
 

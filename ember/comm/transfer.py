@@ -8,7 +8,7 @@ cap the blob would exceed sends fewer tokens (or nothing at all).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,13 +72,14 @@ def sharer_context_kv(engine, head: list[int], context: list[int]) -> torch.Tens
     return kv[:, :, :, len(head):]
 
 
-def encode_context(kv: torch.Tensor, method: KVMethod, cap: int | None, seed: int = 0) -> Encoded:
-    """Select / allocate the context's tokens under `cap` bytes (None: no cap) and pack them."""
+def encode_context(kv: torch.Tensor, method: KVMethod, cap: int | None, seed: int = 0, **score_inputs) -> Encoded:
+    """Select / allocate the context's tokens under `cap` bytes (None: no cap) and pack them. `score_inputs`
+    (projected_v, receiver_v) feed the projection-based selection modes."""
     k, v = kv[:, 0], kv[:, 1]  # (L, H, c, D)
     layers, heads, tokens, dim = k.shape
     limit = UNLIMITED if cap is None else cap
     began = time.perf_counter()
-    scores = token_scores(method.selection, k, v, seed=seed)
+    scores = token_scores(method.selection, k, v, seed=seed, **score_inputs)
     allocation = allocate(scores, ("drop",) + method.precisions, method.wire_config(method.precisions[-1]),
                           layers, heads, dim, limit, tokens)
     selected = time.perf_counter()
@@ -103,8 +104,3 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
         parts.append(torch.stack([payload.k, payload.v], dim=1).to(dtype))  # (L, 2, H, m, D)
     past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len)
     return past, 1e3 * (time.perf_counter() - began)
-
-
-def full_transfer(method: KVMethod = KVMethod("front", ("fp16",))) -> KVMethod:
-    """The method that sends every token at fp16 (with `encode_context(..., cap=None)`)."""
-    return replace(method, precisions=("fp16",))

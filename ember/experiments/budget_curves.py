@@ -11,16 +11,22 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ember.comm.data import check_disjoint, eval_examples, training_examples
+from ember.comm.fusion_harness import FUSION_METHODS, FusionHarness
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method
 from ember.comm.items import COMM_TASKS, comm_items
+from ember.comm.train_fuser import FuserConfig, load_fuser, train_fuser
 from ember.engine import Engine
-from ember.errors import ParamsError
+from ember.errors import CommError, ParamsError
 from ember.experiments.workloads import resolve_device
 from ember.params import RunParams, param
 from ember.report import macro_name
 from ember.tasks.metrics import wilson_interval
+from ember.tasks.prompts import score as benchmark_score
+from ember.tasks.recall import score as recall_score
 
-MODES = ("context_transfer",)
+MODES = ("context_transfer", "shared_context")
+SHARED_TASKS = ("recall", "openbookqa", "arc_challenge")
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class Params(RunParams):
     sharer: str = ""  # "" = the receiver itself (Identical pair)
     pair: str = "identical"  # the pair's name in plots and macros
     mode: str = param("context_transfer", choices=MODES)
-    task: str = param("recall", choices=COMM_TASKS)
+    task: str = param("recall", choices=SHARED_TASKS)  # context transfer: recall only
     items: int = param(4, low=1)
     facts: int = param(4, low=1, high=30)  # recall: facts in the context
     context_tokens: int = param(0, low=0)  # recall: distractors added up to this many context tokens
@@ -40,15 +46,30 @@ class Params(RunParams):
     max_tokens: int = param(8, low=1)
     hint_max_tokens: int = param(48, low=1)
     batch_size: int = param(16, low=1)
+    fuser: str = ""  # shared context: an exported fuser folder (`ember fuser train`), or train one in the run:
+    fuser_steps: int = param(0, low=0)  # steps of that in-run training (no folder given)
+    fuser_hidden: int = param(64, low=1)
+    fuser_examples: int = param(64, low=1)
+    fuser_recall_share: float = param(1.0, low=0.0, high=1.0)  # 1.0 needs no benchmark sets
 
     def validate(self) -> None:
         super().validate()
+        if self.mode == "context_transfer" and self.task not in COMM_TASKS:
+            raise ParamsError(f"Params.task: context transfer expects one of {COMM_TASKS}, found {self.task!r}")
+        if self.mode == "shared_context" and not self.fuser and not self.fuser_steps:
+            raise ParamsError("Params.fuser: shared context expects a fuser folder or fuser_steps > 0, found neither")
+        named = CAP_FREE + TEXT_METHODS if self.mode == "context_transfer" else FUSION_METHODS
         for spec in self.methods:
+            if spec in named:
+                continue
+            if not spec.startswith(("kv:", "rd:")):
+                raise ParamsError(f"Params.methods: {self.mode} expects one of {named} or kv:/rd: methods, "
+                                  f"found {spec!r}")
             try:
                 parse_method(spec)
-            except Exception as error:
+            except CommError as error:
                 raise ParamsError(f"Params.methods: {error}") from None
-        if not any(m not in CAP_FREE for m in self.methods) and self.caps:
+        if not any(m not in CAP_FREE + ("projection",) for m in self.methods) and self.caps:
             raise ParamsError("Params.methods: expected at least one capped method (text or kv) for the caps")
 
 
@@ -67,17 +88,43 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     """Every method at every cap over the same seeded items: one row per (method, cap, item)."""
     device = resolve_device(params.device)
     receiver, sharer = load_pair(params, device)
-    count = (lambda text: len(receiver.tokenizer.encode(text))) if params.context_tokens else None
-    items = comm_items(params.task, params.items, params.seed, facts=params.facts,
-                       context_tokens=params.context_tokens, count_tokens=count)
-    harness = Harness(receiver, sharer, items, params.max_tokens, params.hint_max_tokens, params.seed, progress)
     caps = list(params.caps) + ([None] if params.full else [])
-    df = pd.DataFrame(harness.run(list(params.methods), caps))
-    df["pair"] = params.pair
     provenance = dict(receiver.provenance)
     if sharer is not receiver:
         provenance["sharer"] = sharer.provenance
+    if params.mode == "context_transfer":
+        count = (lambda text: len(receiver.tokenizer.encode(text))) if params.context_tokens else None
+        items = comm_items(params.task, params.items, params.seed, facts=params.facts,
+                           context_tokens=params.context_tokens, count_tokens=count)
+        harness = Harness(receiver, sharer, items, params.max_tokens, params.hint_max_tokens, params.seed, progress)
+    else:
+        examples, scorers = eval_examples(params.task, params.items, params.seed, facts=params.facts)
+        fuser, fuser_info = fuser_for(params, receiver, sharer, progress)
+        check_disjoint(fuser_info.pop("train_ids"), [e.item_id for e in examples])
+        provenance["fuser"] = fuser_info
+        score = recall_score if params.task == "recall" else benchmark_score
+        harness = FusionHarness(receiver, sharer, fuser, examples, scorers, score, params.max_tokens,
+                                params.hint_max_tokens, params.batch_size, params.seed, progress)
+    df = pd.DataFrame(harness.run(list(params.methods), caps))
+    df["pair"] = params.pair
     return df, provenance
+
+
+def fuser_for(params: Params, receiver, sharer, progress) -> tuple:
+    """The fuser of a shared-context run and what the manifest says of it (with its training ids): loaded
+    from `params.fuser`, or trained here for `fuser_steps` steps."""
+    if params.fuser:
+        fuser, manifest, train_ids = load_fuser(params.fuser, receiver.model.config, sharer.model.config,
+                                                receiver.device)
+        info = {k: manifest.get(k) for k in ("pair", "hidden", "steps_done", "train_seconds", "git", "device")}
+        return fuser, {"folder": params.fuser, **info, "train_ids": train_ids}
+    examples = training_examples(params.fuser_examples, params.seed, params.fuser_recall_share, params.facts)
+    config = FuserConfig(hidden=params.fuser_hidden, steps=params.fuser_steps, batch=min(8, len(examples)),
+                         seed=params.seed)
+    run = train_fuser(receiver, sharer, examples, config, progress=progress)
+    return run.fuser, {"trained_in_run": True, "hidden": config.hidden, "steps_done": len(run.history),
+                       "train_seconds": run.seconds, "final_loss": run.history[-1]["loss"],
+                       "train_ids": [e.item_id for e in examples]}
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -119,8 +166,10 @@ def compare(summary: pd.DataFrame) -> pd.DataFrame:
 
 def macros(summary: pd.DataFrame, params: Params) -> dict:
     """The smallest cap at which the best cache method beats the best text baseline ('none' if no cap), the
-    accuracy gap (points) at full transfer, and the best accuracies of each side at every cap."""
-    target, pair, task = params.target or "fig7", params.pair, params.task
+    accuracy gap (points) at full transfer, and the best accuracies of each side at every cap; names carry
+    the pair and the mode (transfer / fusion)."""
+    target, task = params.target or "fig7", params.task
+    pair = f"{params.pair} {'transfer' if params.mode == 'context_transfer' else 'fusion'}"
     table = compare(summary)
     values = {}
     wins = table[table["cache_beats_text"] & table["cap"].notna()]
@@ -134,7 +183,7 @@ def macros(summary: pd.DataFrame, params: Params) -> dict:
         cap = "full" if row.cap is None or math.isnan(row.cap) else int(row.cap)
         values[macro_name(target, pair, task, "cache", cap)] = 100 * float(row.cache_accuracy)
         values[macro_name(target, pair, task, "text", cap)] = 100 * float(row.text_accuracy)
-    for method in CAP_FREE:
+    for method in CAP_FREE + ("projection",):
         part = summary[summary["method"] == method]
         if not part.empty:
             values[macro_name(target, pair, task, method)] = 100 * float(part["accuracy"].iloc[0])

@@ -1,0 +1,65 @@
+"""fig7 end to end at the smoke profile, in both modes, and its params' errors."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from ember.errors import ParamsError
+from ember.experiments import budget_curves
+from ember.params import load_params
+
+
+def test_context_transfer_smoke_rows_and_macros():
+    params = load_params("fig7", "smoke", "items=2")
+    df, provenance = budget_curves.run(params, progress=False)
+    assert set(df["method"]) == set(params.methods)
+    capped = df[df["cap"].notna()]
+    assert (capped["bytes"] <= capped["cap"]).all()
+    kv = df[df["family"].isin(["kv", "rd"]) & (df["tokens_sent"] > 0)]
+    assert (kv["bytes"] == kv["bytes_total"]).all()
+    summary = budget_curves.summarize(df)
+    assert len(summary) == 2 + (len(params.methods) - 2) * (len(params.caps) + 1)
+    assert summary["ci_low"].le(summary["accuracy"]).all() and summary["accuracy"].le(summary["ci_high"]).all()
+    table = budget_curves.compare(summary)
+    assert len(table) == len(params.caps) + 1 and math.isnan(table["cap"].iloc[-1])
+    macros = budget_curves.macros(summary, params)
+    assert "figSevenIdenticalTransferRecallCacheBeatsTextCap" in macros
+    assert "figSevenIdenticalTransferRecallFullGap" in macros
+
+
+def test_shared_context_smoke_trains_a_fuser_and_fuses_what_arrives():
+    params = load_params("fig7", "smoke", "items=2 mode=shared_context fuser_steps=2 facts=3 "
+                                          "methods=[alone,projection,kv:front:fp16,rd:proj_vnorm:int4+int8]")
+    df, provenance = budget_curves.run(params, progress=False)
+    assert provenance["fuser"]["trained_in_run"] and provenance["fuser"]["steps_done"] == 2
+    full = df[(df["method"] == "kv:front:fp16") & df["cap"].isna()]
+    assert (full["tokens_sent"] == full["context_tokens"]).all()
+    none_sent = df[(df["cap"] == params.caps[0]) & (df["tokens_sent"] == 0)]
+    alone = df[df["method"] == "alone"].set_index("item_id")["output"]
+    for row in none_sent.itertuples():  # nothing arrived: the receiver's own cache, its own answer
+        assert row.output == alone[row.item_id]
+    assert not budget_curves.summarize(df).empty
+
+
+@pytest.mark.parametrize("overrides,error", [
+    ("methods=[alone,kv:front]", "kv:<selection>"), ("methods=[alone,zip]", "expects one of"),
+    ("mode=shared_context", "fuser folder or fuser_steps"), ("task=openbookqa", "context transfer expects"),
+    ("methods=[alone,context]", "at least one capped"), ("caps=[-1]", "caps"),
+])
+def test_bad_fig7_params_are_named(overrides, error):
+    with pytest.raises(ParamsError, match=error):
+        load_params("fig7", "smoke", overrides)
+
+
+def test_compare_picks_the_best_of_each_side():
+    summary = pd.DataFrame([
+        {"method": "text:raw", "cap": 100.0, "accuracy": 0.5}, {"method": "kv:front:int8", "cap": 100.0, "accuracy": 0.2},
+        {"method": "text:raw", "cap": 1000.0, "accuracy": 0.5}, {"method": "kv:front:int8", "cap": 1000.0, "accuracy": 0.7},
+        {"method": "rd:knorm:int4+int8", "cap": 1000.0, "accuracy": 0.8}, {"method": "alone", "cap": float("nan"),
+                                                                           "accuracy": 0.1}])
+    table = budget_curves.compare(summary)
+    assert table["cache_beats_text"].tolist() == [False, True]
+    assert table["cache_method"].tolist() == ["kv:front:int8", "rd:knorm:int4+int8"]
+    params = load_params("fig7", "smoke", "")
+    assert budget_curves.macros(summary, params)["figSevenIdenticalTransferRecallCacheBeatsTextCap"] == "1000"

@@ -63,3 +63,19 @@ def test_compare_picks_the_best_of_each_side():
     assert table["cache_method"].tolist() == ["kv:front:int8", "rd:knorm:int4+int8"]
     params = load_params("fig7", "smoke", "")
     assert budget_curves.macros(summary, params)["figSevenIdenticalTransferRecallCacheBeatsTextCap"] == "1000"
+
+
+def test_fuser_command_exports_a_fuser_and_its_lora_control_for_fig7(tmp_path, capsys):
+    from ember.comm.fuser_command import main
+
+    out = tmp_path / "fuser"
+    args = ["--receiver", "tiny-qwen2", "--sharer", "tiny-llama", "--pair", "tiny", "--examples", "12",
+            "--recall-share", "1.0", "--steps", "3", "--batch", "4", "--hidden", "8", "--out", str(out)]
+    assert main(args + ["--time-budget", "1e-9"]) == 0 and not out.exists()  # stopped: nothing exported yet
+    assert main(args + ["--lora-control"]) == 0
+    assert {p.name for p in out.iterdir()} == {"fuser.safetensors", "manifest.json", "train_ids.json", "lora"}
+    assert not (tmp_path / "fuser.work").exists()
+    params = load_params("fig7", "smoke", f"items=2 mode=shared_context fuser={out} model=tiny-qwen2 "
+                                          "sharer=tiny-llama pair=tiny facts=3 methods=[alone,lora,kv:front:int8]")
+    df, provenance = budget_curves.run(params, progress=False)
+    assert provenance["fuser"]["steps_done"] == 3 and set(df["method"]) == {"alone", "lora", "kv:front:int8"}

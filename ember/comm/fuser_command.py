@@ -6,7 +6,8 @@
 Checkpoints go to `--work` (default: <out>.work); a run stopped by `--time-budget` (seconds) or killed
 resumes there when started again with the same arguments, so long runs fit in pieces of a few minutes.
 The export (fuser.safetensors, manifest.json with the git SHA, device, config, loss curve and training
-seconds, train_ids.json) is written only when the last step is done.
+seconds, train_ids.json) is written only when the last step is done; `--lora-control` then also trains the
+receiver alone with LoRA on the same batches (the "training alone" control) into <out>/lora.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from ember.comm.data import training_examples
+from ember.comm.lora_control import train_lora_control
 from ember.comm.train_fuser import FuserConfig, export_fuser, train_fuser
 from ember.engine import Engine
 from ember.experiments.workloads import resolve_device
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--lora-control", action="store_true",
+                        help="also train the receiver alone with LoRA on the same batches (saved in <out>/lora)")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--time-budget", type=float, default=0.0, help="stop after this many seconds (resumable)")
     parser.add_argument("--work", default=None, help="checkpoint folder (default: <out>.work)")
     parser.add_argument("--out", required=True)
@@ -61,11 +66,19 @@ def main(argv=None) -> int:
     if not run.finished:
         print(f"stopped at the time budget; run the same command again to resume from {work}")
         return 0
+    control = None
+    if args.lora_control:
+        control, history, seconds = train_lora_control(receiver, examples, config, rank=args.lora_rank, lr=args.lr)
+        print(json.dumps({"lora_control_loss": history[-1]["loss"], "seconds": round(seconds, 1)}), flush=True)
     manifest = {"pair": args.pair, "receiver": args.receiver, "sharer": args.sharer, "config": vars(args),
                 "git": git_state(), "device": device_info(device),
                 "weights": {"receiver": receiver.provenance, "sharer": sharer.provenance},
                 "parameters": sum(p.numel() for p in run.fuser.parameters())}
+    if control is not None:
+        manifest["lora_control"] = {"rank": args.lora_rank, "seconds": seconds, "history": history}
     export_fuser(run, args.out, manifest, [e.item_id for e in examples])
+    if control is not None:
+        control.save(Path(args.out) / "lora")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0

@@ -3,7 +3,8 @@ sharer's K/V of the prompt tokens (all but the last), selected and quantized und
 KVWire; the receiver unpacks it and fuses the tokens it received (the fuser works token by token, so a token
 not sent keeps the receiver's own K/V exactly).
 
-Methods: `alone` (the receiver reads the prompt), `projection` (the control that replaces the receiver's cache
+Methods: `alone` (the receiver reads the prompt), `lora` (the receiver with the LoRA control trained on the
+fuser's data reads the prompt: training alone), `projection` (the control that replaces the receiver's cache
 by the projection of every sharer token), `text:hint` (the sharer's one-sentence hint appended to the question,
 cut to the cap), and `kv:<selection>:<precision>` / `rd:...` under the cap (cap None: every token, so
 `kv:front:fp16` at no cap is full fusion).
@@ -28,7 +29,7 @@ from ember.errors import CommError
 from ember.kv.wire import unpack
 from ember.tasks.evaluate import render
 
-FUSION_METHODS = ("alone", "projection", "text:hint")
+FUSION_METHODS = ("alone", "projection", "text:hint", "lora")
 HINT_WRAPPER = "{question}\n\nHint from another model: {hint}"
 
 
@@ -37,8 +38,10 @@ class FusionHarness:
 
     def __init__(self, receiver, sharer, fuser, examples: list[FusionExample], scorers: list, score,
                  max_tokens: int = 16, hint_max_tokens: int = 64, batch_size: int = 16, seed: int = 0,
-                 progress: bool | None = None):
+                 progress: bool | None = None, lora=None):
+        """`lora`: the LoRA control (a PEFT folder or LoraAdapter) the `lora` method needs."""
         self.receiver, self.sharer, self.fuser = receiver, sharer, fuser.eval()
+        self.lora = lora
         self.examples, self.scorers, self.score = examples, scorers, score
         self.max_tokens, self.hint_max_tokens, self.batch_size, self.seed = max_tokens, hint_max_tokens, batch_size, seed
         self.progress = progress
@@ -92,8 +95,12 @@ class FusionHarness:
             if isinstance(method, str) and method not in FUSION_METHODS:
                 raise CommError(f"shared-context method: expected one of {FUSION_METHODS} or kv:/rd:, found {spec!r}")
             parsed.append((spec, method))
-        cells = [(s, m, None) for s, m in parsed if m in ("alone", "projection")]
-        cells += [(s, m, cap) for s, m in parsed if m not in ("alone", "projection") for cap in caps]
+            if method == "lora" and self.lora is None:
+                raise CommError("method 'lora': this fuser has no LoRA control (train it with `ember fuser train "
+                                "--lora-control`)")
+        cap_free = ("alone", "projection", "lora")
+        cells = [(s, m, None) for s, m in parsed if m in cap_free]
+        cells += [(s, m, cap) for s, m in parsed if m not in cap_free for cap in caps]
         rows = []
         for spec, method, cap in tqdm(cells, desc="methods x caps", disable=None if self.progress is None
                                       else not self.progress):
@@ -102,12 +109,16 @@ class FusionHarness:
 
     def _cell(self, spec: str, method, cap) -> list[dict]:
         rows, prompts, pasts = [], [], []
-        caches = self._prepare() if method != "text:hint" else None
+        plain = method in ("text:hint", "lora")  # the receiver reads a prompt: no fused past
+        caches = None if plain else self._prepare()
         for index, example in enumerate(self.examples):
             row = {"item_id": example.item_id, "method": spec, "family": spec.split(":")[0], "cap": cap,
                    "truncated": False, "tokens_sent": 0, "bytes": 0}
             if method == "text:hint":
                 prompts.append(self._hint_prompt(index, cap, row))
+                pasts.append(None)
+            elif method == "lora":
+                prompts.append(render(self.receiver.tokenizer, list(example.messages)))
                 pasts.append(None)
             else:
                 mine, theirs, last, sharer_ms = caches[index]
@@ -117,7 +128,9 @@ class FusionHarness:
             rows.append(row)
         sampling = SamplingParams(temperature=0, max_tokens=self.max_tokens)
         began = time.perf_counter()
-        if method == "text:hint":
+        if method == "lora":
+            result = self._with_lora(prompts, sampling)
+        elif method == "text:hint":
             result = self.receiver.generate(prompts, sampling=sampling, progress=False, use_prefix_cache=False)
         else:
             result = self.receiver.generate(prompts, sampling=sampling, progress=False, past=pasts)
@@ -129,6 +142,18 @@ class FusionHarness:
             row["e2e_ms"] = sum(row.get(k, 0.0) for k in ("sharer_ms", "select_ms", "encode_ms", "decode_ms",
                                                             "fuse_ms", "receiver_ms"))
         return rows
+
+    def _with_lora(self, prompts: list[str], sampling):
+        """Generate with the LoRA control active, then switch it off again."""
+        from ember.comm.lora_control import LORA_NAME
+
+        if LORA_NAME not in self.receiver.adapters:
+            self.receiver.load_adapter(self.lora, name=LORA_NAME)
+        self.receiver.set_adapter(LORA_NAME)
+        try:
+            return self.receiver.generate(prompts, sampling=sampling, progress=False, use_prefix_cache=False)
+        finally:
+            self.receiver.set_adapter(None)
 
     def _fused_for(self, method, mine, theirs, cap, row: dict, sharer_ms: float):
         """The receiver's past after this method: its own cache, fused where sharer tokens arrived (the

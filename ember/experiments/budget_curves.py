@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -69,7 +70,7 @@ class Params(RunParams):
                 parse_method(spec)
             except CommError as error:
                 raise ParamsError(f"Params.methods: {error}") from None
-        if not any(m not in CAP_FREE + ("projection",) for m in self.methods) and self.caps:
+        if not any(m not in CAP_FREE + ("projection", "lora") for m in self.methods) and self.caps:
             raise ParamsError("Params.methods: expected at least one capped method (text or kv) for the caps")
 
 
@@ -103,8 +104,9 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         check_disjoint(fuser_info.pop("train_ids"), [e.item_id for e in examples])
         provenance["fuser"] = fuser_info
         score = recall_score if params.task == "recall" else benchmark_score
+        lora = Path(params.fuser) / "lora" if params.fuser and (Path(params.fuser) / "lora").is_dir() else None
         harness = FusionHarness(receiver, sharer, fuser, examples, scorers, score, params.max_tokens,
-                                params.hint_max_tokens, params.batch_size, params.seed, progress)
+                                params.hint_max_tokens, params.batch_size, params.seed, progress, lora=lora)
     df = pd.DataFrame(harness.run(list(params.methods), caps))
     df["pair"] = params.pair
     return df, provenance
@@ -183,7 +185,7 @@ def macros(summary: pd.DataFrame, params: Params) -> dict:
         cap = "full" if row.cap is None or math.isnan(row.cap) else int(row.cap)
         values[macro_name(target, pair, task, "cache", cap)] = 100 * float(row.cache_accuracy)
         values[macro_name(target, pair, task, "text", cap)] = 100 * float(row.text_accuracy)
-    for method in CAP_FREE + ("projection",):
+    for method in CAP_FREE + ("projection", "lora"):
         part = summary[summary["method"] == method]
         if not part.empty:
             values[macro_name(target, pair, task, method)] = 100 * float(part["accuracy"].iloc[0])

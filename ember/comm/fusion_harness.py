@@ -176,7 +176,7 @@ class FusionHarness:
                 fused = mine.clone()
                 fused[:, :, :, index] = self._fuse(mine.index_select(3, index), received, projection_only=projection)
                 row.update(decode_ms=1e3 * (decoded_at - began), fuse_ms=1e3 * (time.perf_counter() - decoded_at))
-        everything = torch.ones(1, fused.shape[3], dtype=torch.bool)
+        everything = torch.ones(1, fused.shape[3], dtype=torch.bool, device=fused.device)
         return engine_pasts(fused[:, :, None], everything, fused.dtype)[0]
 
     def _hint_prompt(self, index: int, cap, row: dict) -> str:

@@ -53,13 +53,12 @@ def test_bad_fig7_params_are_named(overrides, error):
 
 
 def test_compare_picks_the_best_of_each_side():
-    summary = pd.DataFrame([
-        {"method": "text:raw", "cap": 100.0, "accuracy": 0.5}, {"method": "kv:front:int8", "cap": 100.0, "accuracy": 0.2},
-        {"method": "text:raw", "cap": 1000.0, "accuracy": 0.5}, {"method": "kv:front:int8", "cap": 1000.0, "accuracy": 0.7},
-        {"method": "rd:knorm:int4+int8", "cap": 1000.0, "accuracy": 0.8}, {"method": "alone", "cap": float("nan"),
-                                                                           "accuracy": 0.1}])
+    rows = [("text:raw", 100.0, 0.5), ("kv:front:int8", 100.0, 0.2), ("text:raw", 1000.0, 0.5),
+            ("kv:front:int8", 1000.0, 0.7), ("rd:knorm:int4+int8", 1000.0, 0.8), ("alone", float("nan"), 0.1)]
+    summary = pd.DataFrame([{"method": m, "cap": c, "accuracy": a, "ci_low": a - 0.05, "ci_high": a + 0.05}
+                            for m, c, a in rows])
     table = budget_curves.compare(summary)
-    assert table["cache_beats_text"].tolist() == [False, True]
+    assert table["cache_beats_text"].tolist() == [False, True] and table["intervals_apart"].tolist() == [False, True]
     assert table["cache_method"].tolist() == ["kv:front:int8", "rd:knorm:int4+int8"]
     params = load_params("fig7", "smoke", "")
     assert budget_curves.macros(summary, params)["figSevenIdenticalTransferRecallCacheBeatsTextCap"] == "1000"

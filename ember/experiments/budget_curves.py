@@ -152,7 +152,8 @@ def _is_cache(method: str) -> bool:
 
 def compare(summary: pd.DataFrame) -> pd.DataFrame:
     """Per cap (full transfer last, as cap NaN): the best cache method and the best text baseline, their
-    accuracies, and whether the cache beats text there."""
+    accuracies, whether the cache beats text there, and whether their 95% intervals are apart (a win beyond
+    sampling noise)."""
     capped = summary[summary["method"].map(lambda m: m not in CAP_FREE)]
     rows = []
     for cap, part in capped.groupby("cap", dropna=False, sort=True):
@@ -162,7 +163,8 @@ def compare(summary: pd.DataFrame) -> pd.DataFrame:
         best_cache, best_text = cache.loc[cache["accuracy"].idxmax()], text.loc[text["accuracy"].idxmax()]
         rows.append({"cap": cap, "cache_method": best_cache["method"], "cache_accuracy": best_cache["accuracy"],
                      "text_method": best_text["method"], "text_accuracy": best_text["accuracy"],
-                     "cache_beats_text": bool(best_cache["accuracy"] > best_text["accuracy"])})
+                     "cache_beats_text": bool(best_cache["accuracy"] > best_text["accuracy"]),
+                     "intervals_apart": bool(best_cache["ci_low"] > best_text["ci_high"])})
     return pd.DataFrame(rows)
 
 
@@ -177,6 +179,9 @@ def macros(summary: pd.DataFrame, params: Params) -> dict:
     wins = table[table["cache_beats_text"] & table["cap"].notna()]
     values[macro_name(target, pair, task, "cache beats text cap")] = (
         str(int(wins["cap"].min())) if not wins.empty else "none")
+    clear = wins[wins["intervals_apart"]]
+    values[macro_name(target, pair, task, "cache clearly beats text cap")] = (
+        str(int(clear["cap"].min())) if not clear.empty else "none")
     full = table[table["cap"].isna()]
     if not full.empty:
         gap = 100 * (full["cache_accuracy"].iloc[0] - full["text_accuracy"].iloc[0])

@@ -210,3 +210,11 @@ def test_receive_puts_the_question_after_the_whole_context():
     head = torch.zeros(3, 2, 2, 4, 8)
     past, _ = receive(encoded.blob, head, 10, "cpu", torch.float32)
     assert past.tokens == 4 + encoded.tokens_sent and past.next_position == 14
+
+
+def test_extraction_items_send_the_document_and_score_exact_json():
+    item = comm_items("extraction", 1, seed=4, facts=2)[0]
+    assert item.item_id == "extraction-4" and "Schema:" in item.question and item.context not in item.question
+    assert item.score(item.answer) and not item.score("{}") and not item.score("no json")
+    with pytest.raises(CommError, match="task"):
+        comm_items("poetry", 1, seed=0)

@@ -2,8 +2,8 @@
 overlap (a fuser is never evaluated on what it trained on).
 
 Training: MMLU (dev, validation, test), ARC-Easy (validation, test), and synthetic recall items whose seeds
-start at TRAIN_SEED_BASE. Evaluation: OpenBookQA and ARC-Challenge (test), and recall items with seeds below
-TRAIN_SEED_BASE. Multiple-choice answers are "The answer is (X).", as in the benchmark prompts' worked shots.
+start at TRAIN_SEED_BASE. Evaluation: OpenBookQA and ARC-Challenge (test), recall items with seeds below
+TRAIN_SEED_BASE, synthetic extraction (never trained on) and GSM8K (test) as a breadth check. Multiple-choice answers are "The answer is (X).", as in the benchmark prompts' worked shots.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import random
 from ember.comm.fusion import FusionExample
 from ember.errors import CommError
 from ember.tasks.prompts import BenchmarkItem, messages_for
+from ember.tasks.extraction import make_extraction
 from ember.tasks.recall import make_recall
 
 TRAIN_SEED_BASE = 1_000_000
 TRAIN_BENCHMARKS = (("mmlu", ("dev", "validation", "test")), ("arc_easy", ("validation", "test")))
-EVAL_TASKS = ("recall", "openbookqa", "arc_challenge")
+EVAL_TASKS = ("recall", "extraction", "openbookqa", "arc_challenge", "gsm8k")
 
 
 def _mc_example(task: str, record, with_answer: bool) -> FusionExample:
@@ -50,8 +51,8 @@ def training_examples(count: int, seed: int = 0, recall_share: float = 0.25, fac
 
 
 def eval_examples(task: str, count: int, seed: int = 0, facts: int = 10) -> tuple[list[FusionExample], list]:
-    """`count` evaluation examples of a task (no answers) and the scorer's items (RecallItem or
-    BenchmarkItem), in the same order."""
+    """`count` evaluation examples of a task (no answers) and the scorer's items (RecallItem,
+    ExtractionItem or BenchmarkItem), in the same order."""
     from ember.tasks.datasets import load
 
     if task == "recall":
@@ -60,6 +61,9 @@ def eval_examples(task: str, count: int, seed: int = 0, facts: int = 10) -> tupl
                             f"{seed}..{seed + count - 1}")
         items = [make_recall(facts, seed + i) for i in range(count)]
         return [_recall_example(seed + i, facts, False) for i in range(count)], items
+    if task == "extraction":
+        items = [make_extraction(seed + i, distractors=facts) for i in range(count)]
+        return [FusionExample(f"extraction:{seed + i}", tuple(item.messages())) for i, item in enumerate(items)], items
     if task not in EVAL_TASKS:
         raise CommError(f"evaluation task: expected one of {EVAL_TASKS}, found {task!r}")
     records = load(task, "test")[:count]

@@ -1,17 +1,23 @@
 """Context-transfer items: a context only the sharer reads, a question the receiver answers, a scorer.
 
 Recall is the primary task: its facts sit only in the context, so the receiver alone is near zero and every
-point of accuracy comes from what crossed the wire.
+point of accuracy comes from what crossed the wire. Extraction sends the document whose fields the receiver
+must return as JSON (correct: the schema holds and every field matches).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import json
+
 from ember.errors import CommError
+from ember.tasks.extraction import make_extraction, verify
 from ember.tasks.recall import make_recall, score as recall_score
 
-COMM_TASKS = ("recall",)
+COMM_TASKS = ("recall", "extraction")
+EXTRACTION_QUESTION = ("Extract the fields of this JSON schema from the document above and reply with one JSON "
+                       "object only.\nSchema: {schema}")
 
 
 @dataclass(frozen=True)
@@ -29,17 +35,29 @@ class CommItem:
     def score(self, output: str) -> bool:
         if self.task == "recall":
             return recall_score(self.source, output)
+        if self.task == "extraction":
+            return extraction_correct(self.source, output)
         raise CommError(f"task: expected one of {COMM_TASKS}, found {self.task!r}")
+
+
+def extraction_correct(item, output: str) -> bool:
+    """An extraction answer is correct when its JSON is schema-valid and every field matches."""
+    return verify(item, output, reward="binary")["reward"] == 1.0
 
 
 def comm_items(task: str, count: int, seed: int, facts: int = 10, context_tokens: int = 0,
                count_tokens=None) -> list[CommItem]:
     """`count` seeded items of a task. Recall: `facts` facts padded with distractors to `context_tokens`
-    (counted with `count_tokens`)."""
+    (counted with `count_tokens`). Extraction: one document (with `facts` distractor sentences) each."""
     if task not in COMM_TASKS:
         raise CommError(f"task: expected one of {COMM_TASKS}, found {task!r}")
     items = []
     for i in range(count):
+        if task == "extraction":
+            doc = make_extraction(seed + i, distractors=facts)
+            question = EXTRACTION_QUESTION.format(schema=json.dumps(doc.schema))
+            items.append(CommItem(f"extraction-{seed + i}", task, doc.document, question, json.dumps(doc.answer), doc))
+            continue
         item = make_recall(facts, seed + i, context_tokens=context_tokens, count_tokens=count_tokens)
         items.append(CommItem(f"recall-{seed + i}", "recall", item.context,
                               f"{item.question} Answer with the 4-digit code only.", item.answer, item))

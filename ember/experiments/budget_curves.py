@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ember.comm.data import check_disjoint, eval_examples, training_examples
+from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples
 from ember.comm.fusion_harness import FUSION_METHODS, FusionHarness
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method
-from ember.comm.items import COMM_TASKS, comm_items
+from ember.comm.items import COMM_TASKS, comm_items, extraction_correct
 from ember.comm.train_fuser import FuserConfig, load_fuser, train_fuser
 from ember.engine import Engine
 from ember.errors import CommError, ParamsError
@@ -27,7 +27,7 @@ from ember.tasks.prompts import score as benchmark_score
 from ember.tasks.recall import score as recall_score
 
 MODES = ("context_transfer", "shared_context")
-SHARED_TASKS = ("recall", "openbookqa", "arc_challenge")
+SHARED_TASKS = EVAL_TASKS
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Params(RunParams):
     sharer: str = ""  # "" = the receiver itself (Identical pair)
     pair: str = "identical"  # the pair's name in plots and macros
     mode: str = param("context_transfer", choices=MODES)
-    task: str = param("recall", choices=SHARED_TASKS)  # context transfer: recall only
+    task: str = param("recall", choices=SHARED_TASKS)  # context transfer: recall or extraction
     items: int = param(4, low=1)
     facts: int = param(4, low=1, high=30)  # recall: facts in the context
     context_tokens: int = param(0, low=0)  # recall: distractors added up to this many context tokens
@@ -103,7 +103,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         fuser, fuser_info = fuser_for(params, receiver, sharer, progress)
         check_disjoint(fuser_info.pop("train_ids"), [e.item_id for e in examples])
         provenance["fuser"] = fuser_info
-        score = recall_score if params.task == "recall" else benchmark_score
+        score = {"recall": recall_score, "extraction": extraction_correct}.get(params.task, benchmark_score)
         lora = Path(params.fuser) / "lora" if params.fuser and (Path(params.fuser) / "lora").is_dir() else None
         harness = FusionHarness(receiver, sharer, fuser, examples, scorers, score, params.max_tokens,
                                 params.hint_max_tokens, params.batch_size, params.seed, progress, lora=lora)

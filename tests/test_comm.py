@@ -208,7 +208,7 @@ def test_receive_puts_the_question_after_the_whole_context():
     kv = _kv(tokens=10)
     encoded = encode_context(kv, KVMethod("back", ("int8",)), cap=1500)
     head = torch.zeros(3, 2, 2, 4, 8)
-    past, _ = receive(encoded.blob, head, 10, "cpu", torch.float32)
+    past, _, _ = receive(encoded.blob, head, 10, "cpu", torch.float32)
     assert past.tokens == 4 + encoded.tokens_sent and past.next_position == 14
 
 

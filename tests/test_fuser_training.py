@@ -33,7 +33,7 @@ def _closed(fuser):
 
 def test_closed_gates_give_the_receivers_own_answer_loss(pair):
     receiver, sharer = pair
-    fuser = _closed(train_fuser(receiver, sharer, EXAMPLES, FuserConfig(hidden=8, steps=1, batch=3)).fuser)
+    fuser = _closed(train_fuser(receiver, sharer, EXAMPLES, FuserConfig(hidden=8, steps=1, batch=3)).module)
     for path in fuser.paths[0]:
         torch.nn.init.normal_(path.project.weight)  # a closed gate must hide even a non-zero projection
     batch = fusion_batch(EXAMPLES, receiver.tokenizer, sharer.tokenizer, "cpu")
@@ -47,7 +47,7 @@ def test_closed_gates_give_the_receivers_own_answer_loss(pair):
 
 def test_generation_after_a_closed_fuser_is_plain_generation(pair):
     receiver, sharer = pair
-    fuser = _closed(train_fuser(receiver, sharer, EXAMPLES, FuserConfig(hidden=8, steps=1, batch=3)).fuser)
+    fuser = _closed(train_fuser(receiver, sharer, EXAMPLES, FuserConfig(hidden=8, steps=1, batch=3)).module)
     batch = fusion_batch([FusionExample(e.item_id, e.messages) for e in EXAMPLES], receiver.tokenizer,
                          sharer.tokenizer, "cpu")
     with torch.no_grad():
@@ -79,8 +79,8 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_fuser(pair, tmp_path):
     resumed = train_fuser(receiver, sharer, EXAMPLES, config, folder=tmp_path)
     assert resumed.finished and [h["loss"] for h in resumed.history] == pytest.approx(
         [h["loss"] for h in whole.history], rel=1e-6)
-    for key, value in whole.fuser.state_dict().items():
-        assert torch.allclose(resumed.fuser.state_dict()[key], value, atol=1e-6), key
+    for key, value in whole.module.state_dict().items():
+        assert torch.allclose(resumed.module.state_dict()[key], value, atol=1e-6), key
     with pytest.raises(CommError, match="made by another run"):
         train_fuser(receiver, sharer, EXAMPLES, FuserConfig(hidden=8, steps=5, batch=2), folder=tmp_path)
 
@@ -92,7 +92,7 @@ def test_export_and_load_round_trip(pair, tmp_path):
     fuser, manifest, ids = load_fuser(tmp_path / "fuser", receiver.model.config, sharer.model.config)
     assert ids == ["a", "b", "c"] and manifest["steps_done"] == 2 and manifest["pair"] == "tiny"
     assert json.loads((tmp_path / "fuser" / "manifest.json").read_text())["hidden"] == 8
-    for key, value in run.fuser.state_dict().items():
+    for key, value in run.module.state_dict().items():
         assert torch.equal(fuser.state_dict()[key].cpu(), value.cpu())
     with pytest.raises(CommError, match="not fit this pair"):
         load_fuser(tmp_path / "fuser", receiver.model.config, preset_config("tiny-llama", num_layers=3))

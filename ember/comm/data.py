@@ -1,9 +1,11 @@
-"""Data of shared-context fusion: the fuser's offline training mix and the evaluation sets, with ids that never
-overlap (a fuser is never evaluated on what it trained on).
+"""Data of shared-context fusion and of context-transfer projectors: the offline training mixes and the
+evaluation sets, with ids that never overlap (a fuser or projector is never evaluated on what it trained on).
 
 Training: MMLU (dev, validation, test), ARC-Easy (validation, test), and synthetic recall items whose seeds
 start at TRAIN_SEED_BASE. Evaluation: OpenBookQA and ARC-Challenge (test), recall items with seeds below
-TRAIN_SEED_BASE, synthetic extraction (never trained on) and GSM8K (test) as a breadth check. Multiple-choice answers are "The answer is (X).", as in the benchmark prompts' worked shots.
+TRAIN_SEED_BASE, synthetic extraction (never trained on by a fuser) and GSM8K (test) as a breadth check.
+A projector trains on recall and extraction items whose seeds start at TRAIN_SEED_BASE (evaluation's stay
+below). Multiple-choice answers are "The answer is (X).", as in the benchmark prompts' worked shots.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import random
 
 from ember.comm.fusion import FusionExample
+from ember.comm.items import CommItem, comm_items
 from ember.errors import CommError
 from ember.tasks.prompts import BenchmarkItem, messages_for
 from ember.tasks.extraction import make_extraction
@@ -48,6 +51,23 @@ def training_examples(count: int, seed: int = 0, recall_share: float = 0.25, fac
                                         for i in range(recall)]
     rng.shuffle(examples)
     return examples
+
+
+def transfer_training_items(count: int, seed: int = 0, extraction_share: float = 0.25, facts: int = 10,
+                            context_tokens: int = 0, count_tokens=None) -> list[CommItem]:
+    """`count` context-transfer training items with answers, shuffled with `seed`: an `extraction_share` of
+    extraction documents, the rest recall contexts of `facts` facts padded to `context_tokens`."""
+    if count < 1 or not 0.0 <= extraction_share <= 1.0:
+        raise CommError(f"transfer training items: expected count >= 1 and extraction_share in [0, 1], found "
+                        f"{count}, {extraction_share}")
+    extraction = round(count * extraction_share)
+    first = TRAIN_SEED_BASE + seed * count
+    items = comm_items("extraction", extraction, first, facts=facts) if extraction else []
+    if count > extraction:
+        items += comm_items("recall", count - extraction, first, facts=facts, context_tokens=context_tokens,
+                            count_tokens=count_tokens)
+    random.Random(seed).shuffle(items)
+    return items
 
 
 def eval_examples(task: str, count: int, seed: int = 0, facts: int = 10) -> tuple[list[FusionExample], list]:

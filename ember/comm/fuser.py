@@ -28,33 +28,48 @@ def layer_map(receiver_layers: int, sharer_layers: int) -> list[int]:
     return [min(max(t - offset, 0), sharer_layers - 1) for t in range(receiver_layers)]
 
 
-class FusePath(nn.Module):
+class ProjectPath(nn.Module):
+    """A token-wise map (b, T, W_in) -> (b, T, W_out): a projection to width h, a residual feed-forward block
+    (RMSNorm, Linear, GELU, Linear), and a projection to W_out."""
+
+    def __init__(self, in_width: int, out_width: int, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.inp = nn.Linear(in_width, hidden)
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.up = nn.Linear(hidden, hidden)
+        self.down = nn.Linear(hidden, hidden)
+        self.project = nn.Linear(hidden, out_width)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, T, W_in) -> (b, T, h), before the output projection."""
+        x = self.inp(x)
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(x))
+
+
+class FusePath(ProjectPath):
     """One K (or V) path of one layer: (b, T, W_sharer), (b, T, W_receiver) -> projection (b, T, W_receiver)
     and weight (b, T, H_receiver)."""
 
     def __init__(self, sharer_width: int, receiver_width: int, receiver_heads: int, hidden: int, eps: float = 1e-6):
-        super().__init__()
+        super().__init__(sharer_width + receiver_width, receiver_width, hidden, eps)
         self.receiver_heads = receiver_heads
-        self.inp = nn.Linear(sharer_width + receiver_width, hidden)
-        self.norm = nn.RMSNorm(hidden, eps=eps)
-        self.up = nn.Linear(hidden, hidden)
-        self.down = nn.Linear(hidden, hidden)
-        self.project = nn.Linear(hidden, receiver_width)
         self.weight = nn.Linear(hidden, receiver_heads)
 
     def forward(self, sharer: torch.Tensor, receiver: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.inp(torch.cat([sharer, receiver], dim=-1))  # (b, T, h)
-        x = x + self.down(F.gelu(self.up(self.norm(x))))  # residual feed-forward block
+        x = self.features(torch.cat([sharer, receiver], dim=-1))  # (b, T, h)
         return self.project(x), torch.sigmoid(self.weight(x))  # (b, T, W_r), (b, T, H_r)
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
+def flatten_heads(x: torch.Tensor) -> torch.Tensor:
     """(b, H, T, D) -> (b, T, H * D)."""
     b, heads, tokens, dim = x.shape
     return x.transpose(1, 2).reshape(b, tokens, heads * dim)
 
 
-def _unflatten(x: torch.Tensor, heads: int) -> torch.Tensor:
+def unflatten_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(b, T, H * D) -> (b, H, T, D)."""
     b, tokens, width = x.shape
     return x.view(b, tokens, heads, width // heads).transpose(1, 2)
@@ -117,8 +132,8 @@ class Fuser(nn.Module):
             for role, path in enumerate(paths):
                 mine = receiver_kv[t, role]  # (b, H_r, T, D_r)
                 theirs = sharer_kv[self.layer_map[t], role].to(mine.dtype)  # (b, H_s, T, D_s)
-                projection, weight = path(_flatten(theirs), _flatten(mine))  # (b, T, W_r), (b, T, H_r)
-                projection = _unflatten(projection, heads)  # (b, H_r, T, D_r)
+                projection, weight = path(flatten_heads(theirs), flatten_heads(mine))  # (b, T, W_r), (b, T, H_r)
+                projection = unflatten_heads(projection, heads)  # (b, H_r, T, D_r)
                 if projection_only:
                     out.append(projection)
                 else:

@@ -5,6 +5,8 @@ Methods (spelled as in params): `alone` (the receiver without the context), `con
 the context itself: the ceiling), `text:raw` (the context cut to the cap), `text:hint` (the sharer's
 one-sentence hint cut to the cap), and `kv:<selection>:<precision>` / `rd:<selection>:<p1>+<p2>` (K/V
 selected, or allocated over several precisions, under the cap). Cap-free methods run once per item.
+Across models whose caches differ in shape, K/V goes through a trained projector (ember.comm.projector) on
+the receiver's side: the wire carries the sharer's K/V, the bytes are the sharer's.
 """
 
 from __future__ import annotations
@@ -48,22 +50,25 @@ class Sample:
     item: CommItem
     parts: PromptParts
     kv: torch.Tensor | None = None
+    sharer_head: int = 0
     sharer_prefill_ms: float = 0.0
     hint: str | None = None
     hint_ms: float = 0.0
 
 
 class Harness:
-    """Runs methods at caps over items for one (receiver, sharer) pair of engines."""
+    """Runs methods at caps over items for one (receiver, sharer) pair of engines (with a projector when their
+    caches differ in shape)."""
 
     def __init__(self, receiver, sharer, items: list[CommItem], max_tokens: int = 16, hint_max_tokens: int = 64,
-                 seed: int = 0, progress: bool | None = None):
+                 seed: int = 0, progress: bool | None = None, projector=None):
         if receiver.tokenizer is None or sharer.tokenizer is None:
             raise CommError("harness: both engines need a tokenizer")
         self.receiver, self.sharer = receiver, sharer
         self.same_model = receiver is sharer
         self.max_tokens, self.hint_max_tokens, self.seed = max_tokens, hint_max_tokens, seed
         self.progress = progress
+        self.projector = projector
         self.samples = [Sample(item, prompt_parts(receiver.tokenizer, item.context, item.question)) for item in items]
         self._head_kv = {}
 
@@ -71,7 +76,11 @@ class Harness:
     def _check_kv_pair(self) -> None:
         shape = lambda c: (c.num_layers, c.num_kv_heads, c.head_dim)  # noqa: E731
         mine, theirs = shape(self.receiver.model.config), shape(self.sharer.model.config)
-        if mine != theirs:
+        if self.projector is not None:
+            made = (tuple(self.projector.receiver_shape), tuple(self.projector.sharer_shape))
+            if made != (mine, theirs):
+                raise CommError(f"projector: made for (receiver, sharer) cache shapes {made}, found {(mine, theirs)}")
+        elif mine != theirs:
             raise CommError("context transfer without a projector needs the sharer's cache shape (layers, KV heads, "
                             f"head dim) to match the receiver's: expected {mine}, found {theirs}")
 
@@ -81,6 +90,7 @@ class Harness:
                      prompt_parts(self.sharer.tokenizer, sample.item.context, sample.item.question))
             began = time.perf_counter()
             sample.kv = sharer_context_kv(self.sharer, parts.head, parts.context)
+            sample.sharer_head = len(parts.head)
             sample.sharer_prefill_ms = 1e3 * (time.perf_counter() - began)
         return sample.kv
 
@@ -140,12 +150,23 @@ class Harness:
             row.update(output=text, correct=bool(sample.item.score(text)), receiver_ms=receiver_ms)
             row["slack"] = None if cap is None else cap - row["bytes"]
             row["e2e_ms"] = sum(row.get(k, 0.0) for k in ("sharer_ms", "select_ms", "encode_ms", "decode_ms",
-                                                            "receiver_ms"))
+                                                            "project_ms", "receiver_ms"))
         return rows
 
     def _no_past(self, sample: Sample):
         """A past holding only the receiver's head (batched with samples that have one)."""
         return receive(None, self._receiver_head(sample.parts.head), 0, self.receiver.device, self.receiver.dtype)[0]
+
+    def _score_inputs(self, sample: Sample, method: KVMethod, kv: torch.Tensor) -> dict:
+        """proj_vnorm's input: the sharer's V projected into the receiver's space (L_r, H_r, c, D_r), computed
+        on the sharer's side with the projector."""
+        if method.selection != "proj_vnorm" or self.projector is None:
+            return {}
+        index = torch.arange(kv.shape[3], device=kv.device)[None]  # (1, c)
+        with torch.no_grad():
+            projected = self.projector(kv[:, :, None], sample.sharer_head + index,
+                                       len(sample.parts.head) + index)  # (L_r, 2, 1, H_r, c, D_r)
+        return {"projected_v": projected[:, 1, 0]}
 
     def _prepare(self, sample: Sample, method, cap: int | None, row: dict):
         """The receiver's prompt tokens and past for one sample, filling the row's bytes and times."""
@@ -164,11 +185,16 @@ class Harness:
                        sharer_ms=0.0 if raw else sample.hint_ms)
             return parts.head + (self.receiver.tokenizer.encode(sent) if sent else []) + parts.tail, None
         kv = self._sharer_kv(sample)
-        encoded = encode_context(kv, method, cap, seed=self.seed)
+        if kv.shape[3] != len(parts.context):
+            raise CommError(f"item {sample.item.item_id}: context transfer expects one tokenizer (the context as "
+                            f"{len(parts.context)} tokens on both sides), found {kv.shape[3]} sharer tokens")
+        encoded = encode_context(kv, method, cap, seed=self.seed, **self._score_inputs(sample, method, kv))
         head_kv = self._receiver_head(parts.head)
-        past, decode_ms = receive(encoded.blob, head_kv, kv.shape[3], self.receiver.device, self.receiver.dtype)
+        past, decode_ms, project_ms = receive(encoded.blob, head_kv, kv.shape[3], self.receiver.device,
+                                              self.receiver.dtype, self.projector, sample.sharer_head)
         row.update(bytes=encoded.nbytes, tokens_sent=encoded.tokens_sent, sharer_ms=sample.sharer_prefill_ms,
                    select_ms=encoded.select_ms, encode_ms=encoded.encode_ms, decode_ms=decode_ms,
+                   project_ms=project_ms,
                    **{f"bytes_{k}": v for k, v in encoded.breakdown.items()},
                    **{f"tokens_{p}": encoded.groups.count(p) for p in method.precisions})
         return parts.tail, past

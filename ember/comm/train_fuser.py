@@ -1,10 +1,12 @@
-"""Training a fuser with both LLMs frozen: next-token loss of the receiver's answer tokens after the fused
-cache, AdamW with linear warmup, gradient clipping, and the gate temperature annealed from 1 to 0.001.
+"""Training a fuser (shared context) or a projector (context transfer) with both LLMs frozen: next-token loss
+of the receiver's answer tokens after the fused (or projected) cache, AdamW with linear warmup, gradient
+clipping, and for the fuser the gate temperature annealed from 1 to 0.001.
 
 Runs resume: every `checkpoint_every` steps (and at a time budget) the fuser, the optimizer, the RNG states and
 the loss history are written atomically to `folder/step-NNNNNN` and named in `folder/LATEST`; a run started
 again with the same config continues from there and ends with the same fuser as an uninterrupted one.
-`export_fuser` writes the final weights and a manifest (pair, config, training ids, seconds).
+`export_fuser` writes the final weights and a manifest (kind, pair, config, training ids, seconds);
+`load_fuser` builds the module the manifest names.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ember.comm.fuser import Fuser
-from ember.comm.fusion import FusionExample, fusion_batch, fusion_loss
+from ember.comm.fusion import fusion_batch, fusion_loss
+from ember.comm.projector import Projector
+from ember.comm.transfer_training import transfer_batch, transfer_loss
 from ember.errors import CommError
 from ember.report import atomic_directory, atomic_write
 from ember.train.checkpoint import rng_state, set_rng_state
 
 LATEST = "LATEST"
+KINDS = {"fuser": Fuser, "projector": Projector}  # what a run trains: shared context / context transfer
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,10 @@ class FuserConfig:
 
 @dataclass
 class FuserRun:
-    """A training run's fuser, per-step history, whether it reached `steps`, and its training seconds."""
+    """A training run's module (a Fuser or a Projector), per-step history, whether it reached `steps`, and its
+    training seconds."""
 
-    fuser: Fuser
+    module: Fuser | Projector
     history: list[dict] = field(default_factory=list)
     finished: bool = False
     seconds: float = 0.0
@@ -75,7 +81,7 @@ def _lr_scale(step: int, config: FuserConfig) -> float:
     return min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
 
 
-def _save(folder: Path, step: int, fuser: Fuser, optimizer, history: list[dict], meta: dict, seconds: float) -> None:
+def _save(folder: Path, step: int, fuser, optimizer, history: list[dict], meta: dict, seconds: float) -> None:
     name = f"step-{step:06d}"
     with atomic_directory(folder / name) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in fuser.state_dict().items()}, tmp / "fuser.safetensors")
@@ -88,7 +94,7 @@ def _save(folder: Path, step: int, fuser: Fuser, optimizer, history: list[dict],
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(folder: Path, fuser: Fuser, optimizer, meta: dict) -> tuple[int, list[dict], float]:
+def _resume(folder: Path, fuser, optimizer, meta: dict) -> tuple[int, list[dict], float]:
     if not (folder / LATEST).is_file():
         return 0, [], 0.0
     path = folder / (folder / LATEST).read_text().strip()
@@ -108,17 +114,28 @@ def _resume(folder: Path, fuser: Fuser, optimizer, meta: dict) -> tuple[int, lis
     return run["step"], run["history"], run["seconds"]
 
 
-def train_fuser(receiver, sharer, examples: list[FusionExample], config: FuserConfig, folder=None,
-                time_budget_s: float = 0.0, progress: bool | None = None, meta: dict | None = None) -> FuserRun:
-    """Train a fuser for engines `receiver` <- `sharer` on examples (with answers). `folder` keeps
-    checkpoints (resume); `time_budget_s` > 0 stops (after a checkpoint) once that many seconds have passed."""
+def _step_loss(kind: str, receiver, sharer, module, examples: list) -> torch.Tensor:
+    if kind == "fuser":
+        batch = fusion_batch(examples, receiver.tokenizer, sharer.tokenizer, receiver.device)
+        return fusion_loss(receiver.model, sharer.model, module, batch)
+    batch = transfer_batch(examples, receiver.tokenizer, sharer.tokenizer, receiver.device)
+    return transfer_loss(receiver.model, sharer.model, module, batch)
+
+
+def train_fuser(receiver, sharer, examples: list, config: FuserConfig, folder=None, time_budget_s: float = 0.0,
+                progress: bool | None = None, meta: dict | None = None, kind: str = "fuser") -> FuserRun:
+    """Train a `kind` module for engines `receiver` <- `sharer` on examples with answers: FusionExample for a
+    fuser, CommItem (context, question, answer) for a projector. `folder` keeps checkpoints (resume);
+    `time_budget_s` > 0 stops (after a checkpoint) once that many seconds have passed."""
+    if kind not in KINDS:
+        raise CommError(f"train_fuser: kind expected one of {tuple(KINDS)}, found {kind!r}")
     if not examples or any(not ex.answer for ex in examples):
         raise CommError("train_fuser: expected examples that all have answers")
     device = receiver.device
     torch.manual_seed(config.seed)
-    fuser = Fuser(receiver.model.config, sharer.model.config, config.hidden).to(device)
+    fuser = KINDS[kind](receiver.model.config, sharer.model.config, config.hidden).to(device)
     optimizer = torch.optim.AdamW(fuser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    meta = {"config": asdict(config), "examples": len(examples), "first_ids": [e.item_id for e in examples[:8]],
+    meta = {"kind": kind, "config": asdict(config), "examples": len(examples), "first_ids": [e.item_id for e in examples[:8]],
             **(meta or {})}
     meta = json.loads(json.dumps(meta, default=str))
     folder = Path(folder) if folder is not None else None
@@ -127,23 +144,24 @@ def train_fuser(receiver, sharer, examples: list[FusionExample], config: FuserCo
         model.requires_grad_(False)
     fuser.train()
     began = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="fuser", disable=None if progress is None else not progress)
+    bar = tqdm(total=config.steps, initial=step, desc=kind, disable=None if progress is None else not progress)
     while step < config.steps:
-        fuser.anneal(step / max(config.steps - 1, 1))
+        if kind == "fuser":
+            fuser.anneal(step / max(config.steps - 1, 1))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_scale(step, config)
-        batch = fusion_batch([examples[i] for i in batch_order(len(examples), config, step)], receiver.tokenizer,
-                             sharer.tokenizer, device)
-        loss = fusion_loss(receiver.model, sharer.model, fuser, batch)
+        loss = _step_loss(kind, receiver, sharer, fuser, [examples[i] for i in batch_order(len(examples), config,
+                                                                                         step)])
         if not torch.isfinite(loss):
-            raise CommError(f"fuser step {step}: expected a finite loss, found {loss.item()}")
+            raise CommError(f"{kind} step {step}: expected a finite loss, found {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(fuser.parameters(), config.clip)
         optimizer.step()
         step += 1
-        history.append({"step": step, "loss": loss.item(), "grad_norm": norm.item(), "temperature": fuser.temperature,
-                        "gates_open": int((fuser.gate_logits > 0).sum())})
+        history.append({"step": step, "loss": loss.item(), "grad_norm": norm.item()})
+        if kind == "fuser":
+            history[-1].update(temperature=fuser.temperature, gates_open=int((fuser.gate_logits > 0).sum()))
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         elapsed = spent + time.perf_counter() - began
@@ -158,22 +176,26 @@ def train_fuser(receiver, sharer, examples: list[FusionExample], config: FuserCo
 
 
 def export_fuser(run: FuserRun, folder, manifest: dict, train_ids: list[str]) -> Path:
-    """Write fuser.safetensors, manifest.json (with the run's config, seconds and loss curve) and
-    train_ids.json into `folder`, atomically."""
+    """Write fuser.safetensors (the module's weights, fuser or projector), manifest.json (with its kind, the
+    run's config, seconds and loss curve) and train_ids.json into `folder`, atomically."""
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in run.fuser.state_dict().items()},
-                  tmp / "fuser.safetensors")
-        body = {**manifest, "hidden": run.fuser.hidden, "receiver_shape": list(run.fuser.receiver_shape),
-                "sharer_shape": list(run.fuser.sharer_shape), "steps_done": len(run.history), "finished": run.finished,
-                "train_seconds": run.seconds, "gates": run.fuser.gates().tolist(), "history": run.history}
+        module = run.module
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / "fuser.safetensors")
+        kind = next(name for name, cls in KINDS.items() if isinstance(module, cls))
+        body = {**manifest, "kind": kind, "hidden": module.hidden, "receiver_shape": list(module.receiver_shape),
+                "sharer_shape": list(module.sharer_shape), "steps_done": len(run.history), "finished": run.finished,
+                "train_seconds": run.seconds, "history": run.history}
+        if kind == "fuser":
+            body["gates"] = module.gates().tolist()
         (tmp / "manifest.json").write_text(json.dumps(body, indent=1, default=str))
         (tmp / "train_ids.json").write_text(json.dumps(train_ids))
     return folder
 
 
-def load_fuser(folder, receiver_config, sharer_config, device="cpu") -> tuple[Fuser, dict, list[str]]:
-    """A fuser exported by `export_fuser`, its manifest and training ids; shapes must match the pair."""
+def load_fuser(folder, receiver_config, sharer_config, device="cpu", kind: str = "fuser") -> tuple:
+    """The `kind` module (fuser or projector) exported by `export_fuser`, its manifest and training ids; the
+    manifest's kind and shapes must match."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -182,13 +204,16 @@ def load_fuser(folder, receiver_config, sharer_config, device="cpu") -> tuple[Fu
     except (OSError, json.JSONDecodeError) as error:
         raise CommError(f"fuser {folder}: expected fuser.safetensors, manifest.json and train_ids.json "
                         f"({error})") from error
-    fuser = Fuser(receiver_config, sharer_config, manifest["hidden"])
+    found = manifest.get("kind", "fuser")  # manifests written before projectors existed hold fusers
+    if found != kind:
+        raise CommError(f"{folder}: expected a {kind}, found a {found} (manifest.json kind)")
+    fuser = KINDS[kind](receiver_config, sharer_config, manifest["hidden"])
     for side, shape in (("receiver", fuser.receiver_shape), ("sharer", fuser.sharer_shape)):
         if manifest.get(f"{side}_shape") != list(shape):
-            raise CommError(f"fuser {folder}: made for a {side} of (layers, KV heads, head dim) "
+            raise CommError(f"{kind} {folder}: made for a {side} of (layers, KV heads, head dim) "
                             f"{manifest.get(f'{side}_shape')}, found {list(shape)}: it does not fit this pair")
     try:
         fuser.load_state_dict(weights)
     except RuntimeError as error:
-        raise CommError(f"fuser {folder}: its weights do not fit this pair ({str(error).splitlines()[0]})") from None
+        raise CommError(f"{kind} {folder}: its weights do not fit this pair ({str(error).splitlines()[0]})") from None
     return fuser.to(device).eval(), manifest, train_ids

@@ -94,13 +94,23 @@ def encode_context(kv: torch.Tensor, method: KVMethod, cap: int | None, seed: in
                    1e3 * (packed - selected))
 
 
-def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device, dtype) -> tuple[PastKV, float]:
+def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device, dtype, projector=None,
+            sharer_head: int = 0) -> tuple[PastKV, float, float]:
     """The receiver's past: its own head K/V (L, 2, H, h, D) then the decoded context tokens, the question
-    starting after the whole context; and the decode time (ms). No blob: the head alone."""
-    began = time.perf_counter()
+    starting after the whole context; the decode and projection times (ms). No blob: the head alone.
+    A `projector` (ember.comm.projector) maps the decoded sharer K/V into the receiver's space, the keys
+    re-rotated from sharer position `sharer_head` + i to receiver position h + i of context token i."""
+    began = decoded = time.perf_counter()
     parts = [head_kv]
     if blob is not None:
         payload = unpack(blob, device=device)
-        parts.append(torch.stack([payload.k, payload.v], dim=1).to(dtype))  # (L, 2, H, m, D)
+        kv = torch.stack([payload.k, payload.v], dim=1)  # (L, 2, H, m, D)
+        decoded = time.perf_counter()
+        if projector is not None:
+            positions = payload.positions.to(device)[None]  # (1, m) context indices of the kept tokens
+            with torch.no_grad():
+                kv = projector(kv[:, :, None], sharer_head + positions, head_kv.shape[3] + positions)[:, :, 0]
+        parts.append(kv.to(dtype))
     past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len)
-    return past, 1e3 * (time.perf_counter() - began)
+    ended = time.perf_counter()
+    return past, 1e3 * (decoded - began), 1e3 * (ended - decoded)

@@ -2,7 +2,8 @@
 precision, RD allocation; every payload a measured KVWire blob) and for text at the same per-sample byte cap
 (the raw context, the sharer's one-sentence hint), next to the receiver alone and the receiver reading the
 context itself. One (receiver, sharer) pair and one task per run; the pair is params: `sharer` empty is the
-Identical pair (the receiver as its own sharer)."""
+Identical pair (the receiver as its own sharer). Context transfer across caches of other shapes goes through
+a projector (`projector`: an exported folder, or trained in the run for `fuser_steps` steps)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples
+from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples, transfer_training_items
 from ember.comm.fusion_harness import FUSION_METHODS, FusionHarness
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method
 from ember.comm.items import COMM_TASKS, comm_items, extraction_correct
@@ -48,7 +49,8 @@ class Params(RunParams):
     hint_max_tokens: int = param(48, low=1)
     batch_size: int = param(16, low=1)
     fuser: str = ""  # shared context: an exported fuser folder (`ember fuser train`), or train one in the run:
-    fuser_steps: int = param(0, low=0)  # steps of that in-run training (no folder given)
+    projector: str = ""  # context transfer across cache shapes: an exported projector folder, or train one:
+    fuser_steps: int = param(0, low=0)  # steps of that in-run training of the fuser / projector (no folder)
     fuser_hidden: int = param(64, low=1)
     fuser_examples: int = param(64, low=1)
     fuser_recall_share: float = param(1.0, low=0.0, high=1.0)  # 1.0 needs no benchmark sets
@@ -97,10 +99,16 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         count = (lambda text: len(receiver.tokenizer.encode(text))) if params.context_tokens else None
         items = comm_items(params.task, params.items, params.seed, facts=params.facts,
                            context_tokens=params.context_tokens, count_tokens=count)
-        harness = Harness(receiver, sharer, items, params.max_tokens, params.hint_max_tokens, params.seed, progress)
+        projector = None
+        if _cache_shape(receiver) != _cache_shape(sharer) and any(m.startswith(("kv:", "rd:")) for m in params.methods):
+            projector, projector_info = trained_module(params, receiver, sharer, "projector", progress)
+            check_disjoint(projector_info.pop("train_ids"), [item.item_id for item in items])
+            provenance["projector"] = projector_info
+        harness = Harness(receiver, sharer, items, params.max_tokens, params.hint_max_tokens, params.seed, progress,
+                          projector=projector)
     else:
         examples, scorers = eval_examples(params.task, params.items, params.seed, facts=params.facts)
-        fuser, fuser_info = fuser_for(params, receiver, sharer, progress)
+        fuser, fuser_info = trained_module(params, receiver, sharer, "fuser", progress)
         check_disjoint(fuser_info.pop("train_ids"), [e.item_id for e in examples])
         provenance["fuser"] = fuser_info
         score = {"recall": recall_score, "extraction": extraction_correct}.get(params.task, benchmark_score)
@@ -112,19 +120,33 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     return df, provenance
 
 
-def fuser_for(params: Params, receiver, sharer, progress) -> tuple:
-    """The fuser of a shared-context run and what the manifest says of it (with its training ids): loaded
-    from `params.fuser`, or trained here for `fuser_steps` steps."""
-    if params.fuser:
-        fuser, manifest, train_ids = load_fuser(params.fuser, receiver.model.config, sharer.model.config,
-                                                receiver.device)
+def _cache_shape(engine) -> tuple[int, int, int]:
+    config = engine.model.config
+    return config.num_layers, config.num_kv_heads, config.head_dim
+
+
+def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tuple:
+    """The fuser (shared context) or projector (context transfer) of a run and what its manifest says (with
+    its training ids): loaded from `params.fuser` / `params.projector`, or trained here for `fuser_steps`."""
+    folder = params.fuser if kind == "fuser" else params.projector
+    if folder:
+        module, manifest, train_ids = load_fuser(folder, receiver.model.config, sharer.model.config,
+                                                 receiver.device, kind=kind)
         info = {k: manifest.get(k) for k in ("pair", "hidden", "steps_done", "train_seconds", "git", "device")}
-        return fuser, {"folder": params.fuser, **info, "train_ids": train_ids}
-    examples = training_examples(params.fuser_examples, params.seed, params.fuser_recall_share, params.facts)
+        return module, {"folder": folder, **info, "train_ids": train_ids}
+    if not params.fuser_steps:
+        raise ParamsError(f"Params.{kind}: the sharer's cache differs in shape from the receiver's; expected a "
+                          f"{kind} folder or fuser_steps > 0, found neither")
+    if kind == "fuser":
+        examples = training_examples(params.fuser_examples, params.seed, params.fuser_recall_share, params.facts)
+    else:
+        count = (lambda text: len(receiver.tokenizer.encode(text))) if params.context_tokens else None
+        examples = transfer_training_items(params.fuser_examples, params.seed, 0.0 if params.task == "recall"
+                                           else 1.0, params.facts, params.context_tokens, count)
     config = FuserConfig(hidden=params.fuser_hidden, steps=params.fuser_steps, batch=min(8, len(examples)),
                          seed=params.seed)
-    run = train_fuser(receiver, sharer, examples, config, progress=progress)
-    return run.fuser, {"trained_in_run": True, "hidden": config.hidden, "steps_done": len(run.history),
+    run = train_fuser(receiver, sharer, examples, config, progress=progress, kind=kind)
+    return run.module, {"trained_in_run": True, "hidden": config.hidden, "steps_done": len(run.history),
                        "train_seconds": run.seconds, "final_loss": run.history[-1]["loss"],
                        "train_ids": [e.item_id for e in examples]}
 

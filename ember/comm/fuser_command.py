@@ -21,6 +21,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from ember.comm.data import training_examples, transfer_training_items
 from ember.comm.lora_control import train_lora_control
 from ember.comm.train_fuser import FuserConfig, export_fuser, train_fuser
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # frozen fp32 models: TF32 matmuls, recorded in the manifest
     receiver = Engine.load(args.receiver, dtype=args.dtype, device=device, prefix_cache=False, progress=False)
     sharer = receiver if args.sharer == args.receiver else Engine.load(args.sharer, dtype=args.dtype, device=device,
                                                                       prefix_cache=False, progress=False)
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
         print(json.dumps({"lora_control_loss": history[-1]["loss"], "seconds": round(seconds, 1)}), flush=True)
     manifest = {"pair": args.pair, "receiver": args.receiver, "sharer": args.sharer, "config": vars(args),
                 "git": git_state(), "device": device_info(device),
+                "tf32": torch.backends.cuda.matmul.allow_tf32,
                 "weights": {"receiver": receiver.provenance, "sharer": sharer.provenance},
                 "parameters": sum(p.numel() for p in run.module.parameters())}
     if control is not None:

@@ -13,7 +13,7 @@ PROFILE ?= default
 P ?=
 REUSE ?=
 STALE ?=
-FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 tab1
+FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1
 TEST_OUT := $(CURDIR)/.test-out
 
 .PHONY: setup all test bench lab clean help targets models stamp $(FIGURES)

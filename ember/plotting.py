@@ -180,3 +180,83 @@ def budget_curves(summary, title: str):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def _bytes_label(cap) -> str:
+    """A cap as a short label: 'full', '512 B', '64 KiB', '2 MiB'."""
+    if cap is None or cap != cap:  # None or NaN: full transfer
+        return "full"
+    cap = int(cap)
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if cap >= size and cap % size == 0:
+            return f"{cap // size} {unit}"
+    return f"{cap} B"
+
+
+def regime_map(table, why, title: str):
+    """fig8: left, the regime map: one row per (pair, task, context bucket), one column per cap, colored by
+    the best cache method's accuracy minus the best text baseline's (points; blue: cache ahead, red: text
+    ahead), a star where the 95% interval excludes zero. Right, why, for the first row: what the cache's bytes
+    are made of (share per section) with the fraction of context tokens kept, and the end-to-end latency of
+    cache and text per cap."""
+    import numpy as np
+
+    sns.set_theme(style="white", context="paper")
+    main = table[table["shard"] == 0].copy()
+    main["row"] = main.apply(lambda r: f"{r['pair']} / {r['task']} / {int(r['context_len_bucket'])} tok", axis=1)
+    main["cap_order"] = main["cap"].fillna(float("inf"))
+    rows = list(dict.fromkeys(main["row"]))
+    caps = sorted(main["cap_order"].unique())
+    grid = np.full((len(rows), len(caps)), np.nan)
+    stars = np.zeros_like(grid, dtype=bool)
+    for r in main.itertuples():
+        i, j = rows.index(r.row), caps.index(r.cap_order)
+        grid[i, j], stars[i, j] = r.diff_points, r.winner != "tie"
+    fig = plt.figure(figsize=(13, 1.6 + 0.45 * max(len(rows), 4)))
+    spec = fig.add_gridspec(1, 3, width_ratios=[2.2, 1.2, 1.2], wspace=0.7)
+    ax = fig.add_subplot(spec[0])
+    image = ax.imshow(grid, cmap="RdBu", vmin=-100, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(caps)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:+.0f}{'*' if stars[i, j] else ''}", ha="center", va="center",
+                        fontsize=7, color="white" if abs(grid[i, j]) > 60 else "black")
+    ax.set_xticks(range(len(caps)), [_bytes_label(None if c == float("inf") else c) for c in caps],
+                  rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("per-sample byte cap")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="cache - text accuracy (points)")
+    ax.set_title("who wins (* : 95% interval excludes 0)", fontsize=9)
+
+    lead = why.iloc[0]
+    first = why[(why["pair"] == lead["pair"]) & (why["task"] == lead["task"])
+                & (why["context_len_bucket"] == lead["context_len_bucket"])].copy()
+    first["cap_order"] = first["cap"].fillna(float("inf"))
+    first = first.sort_values("cap_order")
+    labels = [_bytes_label(None if c == float("inf") else c) for c in first["cap_order"]]
+    sections = ("header", "indices", "map", "payload", "scales", "checksum")
+    totals = sum(first[f"bytes_{s}"] for s in sections).replace(0, np.nan)
+    ax_bytes = fig.add_subplot(spec[1])
+    bottom = np.zeros(len(first))
+    for section, color in zip(sections, sns.color_palette("deep", len(sections))):
+        share = (100 * first[f"bytes_{section}"] / totals).fillna(0).to_numpy()
+        ax_bytes.bar(labels, share, bottom=bottom, color=color, label=section, width=0.7)
+        bottom += share
+    ax_bytes.plot(labels, 100 * first["tokens_kept"], color="black", marker="o", markersize=3,
+                  label="tokens kept")
+    ax_bytes.set_ylim(0, 105)
+    ax_bytes.set_ylabel("% of the cache's bytes; tokens kept")
+    ax_bytes.tick_params(axis="x", rotation=45)
+    ax_bytes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, frameon=False)
+    ax_bytes.set_title(f"why: {lead['pair']} / {lead['task']} / {int(lead['context_len_bucket'])} tok", fontsize=9)
+    ax_time = fig.add_subplot(spec[2])
+    ax_time.plot(labels, first["cache_e2e_ms"], marker="o", markersize=3, label="best cache (end to end)")
+    ax_time.plot(labels, first["text_e2e_ms"], marker="s", markersize=3, linestyle="--",
+                 label="best text (incl. hint writing)")
+    ax_time.set_yscale("log")
+    ax_time.set_ylabel("latency per sample (ms, log)")
+    ax_time.tick_params(axis="x", rotation=45)
+    ax_time.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    ax_time.set_title("latency", fontsize=9)
+    fig.suptitle(title, y=1.02)
+    return fig

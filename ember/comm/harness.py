@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ember.comm.items import CommItem
 from ember.comm.prompt import PromptParts, prompt_parts
 from ember.comm.text import truncate_utf8, write_hints
-from ember.comm.transfer import KVMethod, encode_context, receive, sharer_context_kv
+from ember.comm.messages import SharerSide, cache_shape
+from ember.comm.transfer import KVMethod, receive
 from ember.engine import SamplingParams
 from ember.errors import CommError
 
@@ -45,37 +46,34 @@ def parse_method(spec: str) -> str | KVMethod:
 
 @dataclass
 class Sample:
-    """One item prepared for the harness: its prompt spans, and (lazily) the sharer's K/V and hint."""
+    """One item prepared for the harness: its prompt spans (receiver tokens) and (lazily) the sharer's hint."""
 
     item: CommItem
     parts: PromptParts
-    kv: torch.Tensor | None = None
-    sharer_head: int = 0
-    sharer_prefill_ms: float = 0.0
     hint: str | None = None
     hint_ms: float = 0.0
 
 
 class Harness:
-    """Runs methods at caps over items for one (receiver, sharer) pair of engines (with a projector when their
-    caches differ in shape)."""
+    """Runs methods at caps over items for one (receiver, sharer) pair (with a projector when their caches
+    differ in shape). The sharer's messages come from `messages` (ember.comm.messages: a StoredMessages folder
+    in a sequential run, where `sharer` may be None), by default computed live with the sharer engine."""
 
     def __init__(self, receiver, sharer, items: list[CommItem], max_tokens: int = 16, hint_max_tokens: int = 64,
-                 seed: int = 0, progress: bool | None = None, projector=None):
-        if receiver.tokenizer is None or sharer.tokenizer is None:
-            raise CommError("harness: both engines need a tokenizer")
-        self.receiver, self.sharer = receiver, sharer
-        self.same_model = receiver is sharer
-        self.max_tokens, self.hint_max_tokens, self.seed = max_tokens, hint_max_tokens, seed
+                 seed: int = 0, progress: bool | None = None, projector=None, messages=None):
+        if receiver.tokenizer is None:
+            raise CommError("harness: the receiver needs a tokenizer")
+        self.receiver = receiver
+        self.messages = messages if messages is not None else SharerSide(sharer, projector, seed, hint_max_tokens)
+        self.max_tokens, self.seed = max_tokens, seed
         self.progress = progress
         self.projector = projector
         self.samples = [Sample(item, prompt_parts(receiver.tokenizer, item.context, item.question)) for item in items]
         self._head_kv = {}
 
-    # ---- what the sharer computes once per item ------------------------------------------------------
+    # ---- what the sharer sends -----------------------------------------------------------------------
     def _check_kv_pair(self) -> None:
-        shape = lambda c: (c.num_layers, c.num_kv_heads, c.head_dim)  # noqa: E731
-        mine, theirs = shape(self.receiver.model.config), shape(self.sharer.model.config)
+        mine, theirs = cache_shape(self.receiver), tuple(self.messages.cache_shape)
         if self.projector is not None:
             made = (tuple(self.projector.receiver_shape), tuple(self.projector.sharer_shape))
             if made != (mine, theirs):
@@ -84,23 +82,12 @@ class Harness:
             raise CommError("context transfer without a projector needs the sharer's cache shape (layers, KV heads, "
                             f"head dim) to match the receiver's: expected {mine}, found {theirs}")
 
-    def _sharer_kv(self, sample: Sample) -> torch.Tensor:
-        if sample.kv is None:
-            parts = (sample.parts if self.same_model else
-                     prompt_parts(self.sharer.tokenizer, sample.item.context, sample.item.question))
-            began = time.perf_counter()
-            sample.kv = sharer_context_kv(self.sharer, parts.head, parts.context)
-            sample.sharer_head = len(parts.head)
-            sample.sharer_prefill_ms = 1e3 * (time.perf_counter() - began)
-        return sample.kv
-
     def _hints(self) -> None:
         todo = [s for s in self.samples if s.hint is None]
         if todo:
-            hints, timings = write_hints(self.sharer, [s.item.context for s in todo],
-                                         [s.item.question for s in todo], self.hint_max_tokens)
-            for sample, hint in zip(todo, hints):
-                sample.hint, sample.hint_ms = hint, 1e3 * timings["total"] / len(todo)
+            hints = self.messages.hints([s.item for s in todo])
+            for sample in todo:
+                sample.hint, sample.hint_ms = hints[sample.item.item_id]
 
     def _receiver_head(self, head: list[int]) -> torch.Tensor:
         key = tuple(head)
@@ -157,17 +144,6 @@ class Harness:
         """A past holding only the receiver's head (batched with samples that have one)."""
         return receive(None, self._receiver_head(sample.parts.head), 0, self.receiver.device, self.receiver.dtype)[0]
 
-    def _score_inputs(self, sample: Sample, method: KVMethod, kv: torch.Tensor) -> dict:
-        """proj_vnorm's input: the sharer's V projected into the receiver's space (L_r, H_r, c, D_r), computed
-        on the sharer's side with the projector."""
-        if method.selection != "proj_vnorm" or self.projector is None:
-            return {}
-        index = torch.arange(kv.shape[3], device=kv.device)[None]  # (1, c)
-        with torch.no_grad():
-            projected = self.projector(kv[:, :, None], sample.sharer_head + index,
-                                       len(sample.parts.head) + index)  # (L_r, 2, 1, H_r, c, D_r)
-        return {"projected_v": projected[:, 1, 0]}
-
     def _prepare(self, sample: Sample, method, cap: int | None, row: dict):
         """The receiver's prompt tokens and past for one sample, filling the row's bytes and times."""
         parts = sample.parts
@@ -184,17 +160,32 @@ class Harness:
             row.update(bytes=len(sent.encode("utf-8")), truncated=cut, message=sent,
                        sharer_ms=0.0 if raw else sample.hint_ms)
             return parts.head + (self.receiver.tokenizer.encode(sent) if sent else []) + parts.tail, None
-        kv = self._sharer_kv(sample)
-        if kv.shape[3] != len(parts.context):
+        sent = self.messages.encode(sample.item, method, cap, len(parts.head))
+        if sent.context_tokens != len(parts.context):
             raise CommError(f"item {sample.item.item_id}: context transfer expects one tokenizer (the context as "
-                            f"{len(parts.context)} tokens on both sides), found {kv.shape[3]} sharer tokens")
-        encoded = encode_context(kv, method, cap, seed=self.seed, **self._score_inputs(sample, method, kv))
+                            f"{len(parts.context)} tokens on both sides), found {sent.context_tokens} sharer tokens")
+        encoded = sent.encoded
         head_kv = self._receiver_head(parts.head)
-        past, decode_ms, project_ms = receive(encoded.blob, head_kv, kv.shape[3], self.receiver.device,
-                                              self.receiver.dtype, self.projector, sample.sharer_head)
-        row.update(bytes=encoded.nbytes, tokens_sent=encoded.tokens_sent, sharer_ms=sample.sharer_prefill_ms,
+        past, decode_ms, project_ms = receive(encoded.blob, head_kv, sent.context_tokens, self.receiver.device,
+                                              self.receiver.dtype, self.projector, sent.sharer_head)
+        row.update(bytes=encoded.nbytes, tokens_sent=encoded.tokens_sent, sharer_ms=sent.sharer_ms,
                    select_ms=encoded.select_ms, encode_ms=encoded.encode_ms, decode_ms=decode_ms,
                    project_ms=project_ms,
                    **{f"bytes_{k}": v for k, v in encoded.breakdown.items()},
                    **{f"tokens_{p}": encoded.groups.count(p) for p in method.precisions})
         return parts.tail, past
+
+
+def sharer_pass(messages, items: list[CommItem], receiver_tokenizer, methods: list[str],
+                caps: list[int | None]) -> None:
+    """Compute (and, with StoredMessages, save) every message the methods need at the caps, with no receiver
+    loaded: the first half of a sequential run. `receiver_tokenizer` gives the receiver's template head (where
+    proj_vnorm places projected tokens)."""
+    parsed = [parse_method(spec) for spec in methods]
+    if "text:hint" in parsed:
+        messages.hints(items)
+    for method in (m for m in parsed if isinstance(m, KVMethod)):
+        for cap in caps:
+            for item in items:
+                head = prompt_parts(receiver_tokenizer, item.context, item.question).head
+                messages.encode(item, method, cap, len(head))

@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "budget_curves": "ember.experiments.budget_curves",
     "cumulative_cost": "ember.experiments.cumulative_cost",
     "prefix_savings": "ember.experiments.prefix_savings",
+    "regime_map": "ember.experiments.regime_map",
     "stale_kv": "ember.experiments.stale_kv",
     "strategies": "ember.experiments.strategies",
     "update_locality": "ember.experiments.update_locality",

@@ -16,6 +16,7 @@ import pandas as pd
 from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples, transfer_training_items
 from ember.comm.fusion_harness import FUSION_METHODS, FusionHarness
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method
+from ember.comm.messages import cache_shape
 from ember.comm.items import COMM_TASKS, comm_items, extraction_correct
 from ember.comm.train_fuser import FuserConfig, load_fuser, train_fuser
 from ember.engine import Engine
@@ -100,7 +101,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         items = comm_items(params.task, params.items, params.seed, facts=params.facts,
                            context_tokens=params.context_tokens, count_tokens=count)
         projector = None
-        if _cache_shape(receiver) != _cache_shape(sharer) and any(m.startswith(("kv:", "rd:")) for m in params.methods):
+        if cache_shape(receiver) != cache_shape(sharer) and any(m.startswith(("kv:", "rd:")) for m in params.methods):
             projector, projector_info = trained_module(params, receiver, sharer, "projector", progress)
             check_disjoint(projector_info.pop("train_ids"), [item.item_id for item in items])
             provenance["projector"] = projector_info
@@ -118,11 +119,6 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     df = pd.DataFrame(harness.run(list(params.methods), caps))
     df["pair"] = params.pair
     return df, provenance
-
-
-def _cache_shape(engine) -> tuple[int, int, int]:
-    config = engine.model.config
-    return config.num_layers, config.num_kv_heads, config.head_dim
 
 
 def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tuple:
@@ -151,15 +147,17 @@ def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tup
                        "train_ids": [e.item_id for e in examples]}
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, cap): accuracy with its 95% Wilson interval, mean and max bytes sent, tokens sent,
+def summarize(df: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per (*by, method, cap): accuracy with its 95% Wilson interval, mean and max bytes sent, tokens sent,
     truncation rate and mean times. Cap NaN is full transfer (or a cap-free method)."""
     df = df.assign(cap=df["cap"].astype("float64"))
     rows = []
-    for (method, cap), part in df.groupby(["method", "cap"], dropna=False, sort=False):
+    for key, part in df.groupby([*by, "method", "cap"], dropna=False, sort=False):
+        *outer, method, cap = key
         correct, n = int(part["correct"].sum()), len(part)
         low, high = wilson_interval(correct, n)
-        row = {"method": method, "family": part["family"].iloc[0], "cap": cap, "n": n, "accuracy": correct / n,
+        row = {**dict(zip(by, outer)), "method": method, "family": part["family"].iloc[0], "cap": cap, "n": n,
+               "accuracy": correct / n,
                "ci_low": low, "ci_high": high, "bytes_mean": part["bytes"].mean(), "bytes_max": part["bytes"].max(),
                "tokens_sent": part["tokens_sent"].mean(), "truncated_rate": part["truncated"].astype(float).mean()}
         for col in ("encode_ms", "decode_ms", "select_ms", "receiver_ms", "e2e_ms"):

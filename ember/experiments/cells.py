@@ -31,11 +31,17 @@ def code_hash() -> str:
 
 class CellStore:
     """Finished cells of one run. `time_budget_s` > 0 stops the run (a ReportError saying how far it got) once that
-    many seconds have passed since the store was made and cells remain; finished cells stay stored."""
+    many seconds have passed since the store was made and cells remain; finished cells stay stored.
 
-    def __init__(self, params, time_budget_s: float = 0.0):
-        fields = {k: v for k, v in dataclasses.asdict(params).items() if k != "time_budget_s"}  # not a result
+    `per_cell` names params that each cell's name spells out itself (e.g. the caps of a sweep): they are left
+    out of the run's key, so a sweep grown by one cap reuses the cells it already has. `force` recomputes
+    (and overwrites) every cell."""
+
+    def __init__(self, params, time_budget_s: float = 0.0, per_cell: tuple[str, ...] = (), force: bool = False):
+        skip = {"time_budget_s", "force", *per_cell}  # not results, or in the cell's own name
+        fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
         values = json.dumps({"params": fields, "code": code_hash()}, sort_keys=True, default=str)
+        self.force = force
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()
@@ -52,24 +58,28 @@ class CellStore:
         return self.folder / f"{self.run_key}-{hashlib.sha256(cell.encode()).hexdigest()[:12]}.csv"
 
     def load(self, cell: str) -> pd.DataFrame | None:
-        """The rows of a finished cell, or None."""
+        """The rows of a finished cell, or None (always None when forced)."""
         path = self._path(cell)
-        return pd.read_csv(path) if path.exists() else None
+        return pd.read_csv(path) if path.exists() and not self.force else None
+
+    def missing(self, cells) -> list[str]:
+        """The cells among `cells` that are not finished (all of them when forced)."""
+        return [cell for cell in cells if self.force or not self._path(cell).exists()]
 
     def save(self, cell: str, df: pd.DataFrame) -> None:
         """Store a finished cell's rows (atomically)."""
         atomic_write(self._path(cell), df.to_csv(index=False))
 
     def run(self, cells: dict[str, Callable[[], pd.DataFrame]], progress: bool | None = None) -> pd.DataFrame:
-        """Every cell's rows, in order: loaded when stored, else computed and stored; after each cell the time
-        budget is checked."""
+        """Every cell's rows, in order, as stored (so a fresh and a resumed run give the same frame): loaded
+        when stored, else computed and stored; after each cell the time budget is checked."""
         frames = []
         for done, (cell, compute) in enumerate(tqdm(cells.items(), desc=self.target,
                                                      disable=None if progress is None else not progress)):
             frame = self.load(cell)
             if frame is None:
-                frame = compute()
-                self.save(cell, frame)
+                self.save(cell, compute())
+                frame = pd.read_csv(self._path(cell))  # as stored: a resumed run reads the same frame
             frames.append(frame)
             if done + 1 < len(cells) and self.out_of_time():
                 raise ReportError(f"{self.target}: {done + 1} of {len(cells)} cells finished within time_budget_s="

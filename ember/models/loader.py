@@ -73,6 +73,31 @@ def load(spec: str, dtype="float32", device="cpu", seed: int = 0) -> LoadedModel
     return LoadedModel(model, tokenizer, provenance)
 
 
+def _spec_directory(spec: str) -> Path:
+    """The local directory of a package model or a directory spec (config.json required)."""
+    directory = ensure(spec) if spec in PACKAGE_MODELS else Path(spec)
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"model spec {spec!r}: expected a preset, a package model or a directory with "
+                             f"config.json, found no {directory / 'config.json'}")
+    return directory
+
+
+def load_config(spec: str) -> ModelConfig:
+    """The ModelConfig of a model spec (a preset, a package model or a local directory) without its weights."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = _spec_directory(spec) / "config.json"
+    return ModelConfig.from_hf(_read_json(path), source=str(path))
+
+
+def load_spec_tokenizer(spec: str):
+    """The tokenizer a model spec loads with (None for presets without one), without its weights."""
+    if spec in PRESETS:
+        return CharTokenizer() if spec in TINY_PRESETS else None
+    directory = _spec_directory(spec)
+    return load_tokenizer(directory, _generation_eos(directory))
+
+
 def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> DecoderLM:
     """A decoder with seeded random weights drawn on `device` (no host copy of large models)."""
     with torch.device("meta"):

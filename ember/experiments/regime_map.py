@@ -1,0 +1,412 @@
+"""fig8: the regime map. Where sending K/V beats sending text under a per-sample byte cap, and why.
+
+Cells are pair x task x context bucket x byte cap. Each item's context is padded with pinned filler to a
+bucket of receiver tokens (ember.comm.long_context); every method answers the same items at every cap through
+the equal-byte harness (KVWire blobs measured, text cut at a UTF-8 boundary). Per cell the best cache method
+meets the best text baseline (ties broken by fewer bytes, then lower latency, logged), with a paired bootstrap
+95% interval of their accuracy difference; per (pair, task, bucket) the bytes each side needs to reach a
+target accuracy and the cap where the winner flips. The closest call per pair is re-run on other shards of
+items (fresh seeds) so its interval can be read twice.
+
+Execution: every finished (pair, task, bucket, shard, method, cap) is stored under reports/fig8/cells/ keyed
+by a hash of its config and of ember's code, so a sweep resumes after a crash or across GPU runs (`force`
+recomputes). Sequential by default: each pair's sharer computes every missing message (blobs in
+reports/fig8/wire_blobs/, stable names) and is unloaded before the receiver loads and applies them; a
+receiver that crashes resumes from the saved blobs without the sharer.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method, sharer_pass
+from ember.comm.items import COMM_TASKS
+from ember.comm.long_context import FILLER_VERSION, long_items
+from ember.comm.messages import SharerSide, StoredMessages
+from ember.comm.train_fuser import load_fuser
+from ember.engine import Engine
+from ember.errors import CommError, ParamsError
+from ember.experiments.budget_curves import summarize
+from ember.experiments.cells import CellStore
+from ember.experiments.workloads import resolve_device
+from ember.models.loader import load_config, load_spec_tokenizer
+from ember.params import RunParams, param
+from ember.report import macro_name, report_dir
+
+CACHE_FAMILIES = ("kv", "rd")
+GROUP = ("pair", "task", "context_len_bucket", "shard")
+PER_CELL = ("pairs", "sharers", "projectors", "tasks", "buckets", "caps", "full", "methods", "stability_shards",
+            "target_accuracy", "bootstrap", "sequential")  # the cells' names carry these, or they only analyse
+
+
+@dataclass(frozen=True)
+class Params(RunParams):
+    """Pairs (name, sharer model, projector folder), tasks, context buckets and caps of fig8."""
+
+    pairs: tuple[str, ...] = ("identical",)
+    sharers: tuple[str, ...] = ("",)  # "" = the receiver itself
+    projectors: tuple[str, ...] = ("",)  # an exported projector folder where the caches differ in shape
+    tasks: tuple[str, ...] = param(("recall",), choices=COMM_TASKS)
+    buckets: tuple[int, ...] = param((512,), low=16)  # context tokens each item is padded to
+    caps: tuple[int, ...] = param((256, 4096), low=0)
+    full: bool = True
+    methods: tuple[str, ...] = ("alone", "context", "text:raw", "text:hint", "kv:front:int8", "rd:vnorm:int4+int8")
+    items: int = param(4, low=1)
+    facts: int = param(4, low=1, high=30)
+    max_tokens: int = param(8, low=1)
+    hint_max_tokens: int = param(48, low=1)
+    batch_size: int = param(16, low=1)
+    target_accuracy: float = param(0.5, low=0.0, high=1.0)  # "bytes to reach" this accuracy
+    bootstrap: int = param(1000, low=10)  # resamples of the paired accuracy difference
+    stability_shards: int = param(1, low=0)  # other shards of items the closest call per pair is re-run on
+    sequential: bool = True  # sharer first (blobs saved, sharer unloaded), then the receiver
+    force: bool = False  # recompute finished cells
+    time_budget_s: float = param(0.0, low=0.0)  # stop (resumable) after this many seconds; 0 = no limit
+
+    def validate(self) -> None:
+        super().validate()
+        if not len(self.pairs) == len(self.sharers) == len(self.projectors):
+            raise ParamsError(f"Params.pairs/sharers/projectors: expected one sharer and one projector per pair, "
+                              f"found {len(self.pairs)}, {len(self.sharers)}, {len(self.projectors)}")
+        if len(set(self.pairs)) != len(self.pairs):
+            raise ParamsError(f"Params.pairs: expected distinct names, found {list(self.pairs)}")
+        for spec in self.methods:
+            if spec in CAP_FREE + TEXT_METHODS:
+                continue
+            try:
+                parse_method(spec)
+            except CommError as error:
+                raise ParamsError(f"Params.methods: {error}") from None
+        families = {_family(m) for m in self.methods}
+        if not families & {"cache"} or not families & {"text"}:
+            raise ParamsError(f"Params.methods: the regime map compares cache with text; expected at least one "
+                              f"kv:/rd: method and one of {TEXT_METHODS}, found {list(self.methods)}")
+
+
+def _family(method: str) -> str:
+    """'cache' (kv:/rd:), 'text' (text baselines) or the cap-free method's own name."""
+    if method.split(":")[0] in CACHE_FAMILIES:
+        return "cache"
+    return "text" if method in TEXT_METHODS else method
+
+
+def _cap_list(params: Params) -> list[int | None]:
+    return list(params.caps) + ([None] if params.full else [])
+
+
+def _cell_name(pair: str, sharer: str, projector: str, task: str, bucket: int, shard: int, method: str,
+               cap: int | None) -> str:
+    return json.dumps({"pair": pair, "sharer": sharer, "projector": projector, "task": task, "bucket": bucket,
+                       "shard": shard, "method": method, "cap": cap}, sort_keys=True)
+
+
+class _Pairs:
+    """Loads and unloads the engines of a sweep: the receiver kept across groups, a sharer only for its pass."""
+
+    def __init__(self, params: Params, device: str, progress):
+        self.params, self.device, self.progress = params, device, progress
+        self.receiver = None
+        self.live_sharers: dict[int, Engine] = {}  # simultaneous runs: sharers kept beside the receiver
+        self.provenance: dict = {}
+
+    def _load(self, spec: str, seed: int) -> Engine:
+        p = self.params
+        return Engine.load(spec, dtype=p.dtype, device=self.device, seed=seed, max_batch_size=p.batch_size,
+                           prefix_cache=False, progress=False)
+
+    def get_receiver(self) -> Engine:
+        if self.receiver is None:
+            self.receiver = self._load(self.params.model, self.params.seed)
+            self.provenance["receiver"] = self.receiver.provenance
+        return self.receiver
+
+    def drop_receiver(self) -> None:
+        self.receiver = None
+        self.live_sharers.clear()
+        _free_memory()
+
+    def live_sharer(self, index: int) -> Engine:
+        """The sharer beside the receiver in a simultaneous run (the receiver itself for the Identical pair)."""
+        spec = self.params.sharers[index]
+        if not spec or spec == self.params.model:
+            return self.get_receiver()
+        if index not in self.live_sharers:
+            self.live_sharers[index] = self.sharer(index)
+        return self.live_sharers[index]
+
+    def sharer(self, index: int) -> Engine:
+        """The pair's sharer engine (a fresh load, also for the Identical pair in a sequential run)."""
+        spec = self.params.sharers[index] or self.params.model
+        engine = self._load(spec, self.params.seed + 1 if self.params.sharers[index] else self.params.seed)
+        self.provenance[f"sharer:{self.params.pairs[index]}"] = engine.provenance
+        return engine
+
+    def projector(self, index: int, device):
+        """The pair's projector (None without one), loaded for the receiver and sharer configs."""
+        folder = self.params.projectors[index]
+        if not folder:
+            return None
+        receiver = load_config(self.params.model)
+        sharer = load_config(self.params.sharers[index] or self.params.model)
+        module, manifest, _ = load_fuser(folder, receiver, sharer, device, kind="projector")
+        self.provenance[f"projector:{self.params.pairs[index]}"] = {"folder": folder, "git": manifest.get("git")}
+        return module
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every cell of the grid (stored cells reused), then the stability re-runs of each pair's closest call:
+    one row per (pair, task, bucket, shard, method, cap, item)."""
+    device = resolve_device(params.device)
+    store = CellStore(params, params.time_budget_s, per_cell=PER_CELL, force=params.force)
+    pairs = _Pairs(params, device, progress)
+    main = [(i, task, bucket, 0) for i in range(len(params.pairs)) for task in params.tasks
+            for bucket in params.buckets]
+    plan = {group: list(params.methods) for group in main}
+    df = _run_groups(params, store, pairs, plan, progress)
+    if params.stability_shards:
+        extra = {}
+        for (i, task, bucket, cap), methods in closest_calls(df, params).items():
+            for shard in range(1, params.stability_shards + 1):
+                extra.setdefault((i, task, bucket, shard), {"methods": methods, "caps": set()})["caps"].add(cap)
+        if extra:
+            df = pd.concat([df, _run_groups(params, store, pairs, extra, progress)], ignore_index=True)
+    pairs.drop_receiver()
+    provenance = {**pairs.provenance, "filler": FILLER_VERSION, "run_key": store.run_key}
+    return df, provenance
+
+
+def _group_cells(params: Params, group: tuple, spec) -> list[tuple[str, str, int | None]]:
+    """(cell name, method, cap) of one group: every method at every cap, or a stability group's few."""
+    i, task, bucket, shard = group
+    methods, caps = (spec, _cap_list(params)) if isinstance(spec, list) else (spec["methods"], sorted(
+        spec["caps"], key=lambda c: math.inf if c is None else c))
+    cells = []
+    for method in methods:
+        for cap in ([None] if method in CAP_FREE else caps):
+            name = _cell_name(params.pairs[i], params.sharers[i], params.projectors[i], task, bucket, shard,
+                              method, cap)
+            cells.append((name, method, cap))
+    return cells
+
+
+def _run_groups(params: Params, store: CellStore, pairs: _Pairs, plan: dict, progress) -> pd.DataFrame:
+    """The rows of every cell of the planned groups; missing cells computed (sharer pass first when
+    sequential), each stored as it finishes."""
+    cells = {group: _group_cells(params, group, spec) for group, spec in plan.items()}
+    missing = {group: set(store.missing([c[0] for c in group_cells]))
+               for group, group_cells in cells.items()}
+    contexts = {}
+    if params.sequential:
+        for index in sorted({g[0] for g, names in missing.items() if names}):
+            _sharer_pass(params, pairs, index, {g: [c for c in cells[g] if c[0] in missing[g]]
+                                                for g in cells if g[0] == index and missing[g]})
+    computes = {}
+    for group, group_cells in cells.items():
+        for name, method, cap in group_cells:
+            computes[name] = (lambda g=group, m=method, c=cap: _compute(params, pairs, g, m, c, contexts))
+    return store.run(computes, progress)
+
+
+def _blob_folder(params: Params, group: tuple):
+    i, task, bucket, shard = group
+    key = json.dumps({"model": params.model, "sharer": params.sharers[i], "projector": params.projectors[i],
+                      "items": params.items, "facts": params.facts, "seed": params.seed, "dtype": params.dtype,
+                      "hint_max_tokens": params.hint_max_tokens, "filler": FILLER_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return report_dir(params.target or "fig8") / "wire_blobs" / f"{params.pairs[i]}-{task}-{bucket}-s{shard}-{digest}"
+
+
+def _items(params: Params, group: tuple, tokenizer):
+    _, task, bucket, shard = group
+    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    return long_items(task, params.items, params.seed + shard * params.items, bucket, count, params.facts)
+
+
+def _sharer_pass(params: Params, pairs: _Pairs, index: int, groups: dict) -> None:
+    """Every message the pair's missing cells need, computed by its sharer and saved; the sharer is then
+    unloaded (and the receiver before it, so the two are never loaded together)."""
+    pairs.drop_receiver()
+    sharer = pairs.sharer(index)
+    projector = pairs.projector(index, sharer.device)
+    receiver_tokenizer = load_spec_tokenizer(params.model)
+    for group, group_cells in groups.items():
+        items = [x.item for x in _items(params, group, receiver_tokenizer)]
+        stored = StoredMessages(_blob_folder(params, group),
+                                SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
+        methods = sorted({m for _, m, _ in group_cells if m not in CAP_FREE + ("text:raw",)})
+        caps = sorted({c for _, m, c in group_cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
+        sharer_pass(stored, items, receiver_tokenizer, methods, caps)
+        stored.release()
+    del sharer, projector
+    _free_memory()
+
+
+def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int | None, contexts: dict) -> pd.DataFrame:
+    """One cell's rows, through the group's harness (made once per group, on the receiver)."""
+    if group not in contexts:
+        receiver = pairs.get_receiver()
+        items = _items(params, group, receiver.tokenizer)
+        index = group[0]
+        projector = pairs.projector(index, receiver.device)
+        if params.sequential:
+            messages = StoredMessages(_blob_folder(params, group))
+            harness = Harness(receiver, None, [x.item for x in items], params.max_tokens, params.hint_max_tokens,
+                              params.seed, False, projector=projector, messages=messages)
+        else:
+            harness = Harness(receiver, pairs.live_sharer(index), [x.item for x in items], params.max_tokens,
+                              params.hint_max_tokens, params.seed, False, projector=projector)
+        meta = {x.item.item_id: (x.context_len, x.fact_position) for x in items}
+        contexts[group] = (harness, meta)
+    harness, meta = contexts[group]
+    df = pd.DataFrame(harness.run([method], [cap]))
+    pair, task, bucket, shard = params.pairs[group[0]], *group[1:]
+    df["pair"], df["context_len_bucket"], df["shard"] = pair, bucket, shard
+    df["fact_position"] = df["item_id"].map(lambda item: meta[item][1])
+    return df
+
+
+# ---- analysis ------------------------------------------------------------------------------------------
+
+def _best(part: pd.DataFrame) -> tuple[pd.Series, str]:
+    """The best method of a family at one cell: highest accuracy, ties to fewer mean bytes, then lower mean
+    end-to-end latency; and which rule decided."""
+    ranked = part.sort_values(["accuracy", "bytes_mean", "e2e_ms"], ascending=[False, True, True])
+    top = ranked.iloc[0]
+    if len(ranked) == 1 or ranked.iloc[1]["accuracy"] < top["accuracy"]:
+        return top, "accuracy"
+    second = ranked.iloc[1]
+    return top, "bytes" if second["bytes_mean"] > top["bytes_mean"] else "latency"
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of mean(a) - mean(b) over items resampled together (a, b: per-item 0/1)."""
+    if len(a) != len(b) or not len(a):
+        raise CommError(f"paired bootstrap: expected two equal, non-empty item sets, found {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(resamples, len(a)))
+    diffs = a[picks].mean(axis=1) - b[picks].mean(axis=1)
+    return float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+
+
+def regime_table(df: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Per (pair, task, bucket, shard, cap): best cache vs best text method, their accuracies, bytes and
+    latencies, the tie-break rule each needed, the accuracy difference (points) with its paired bootstrap
+    95% interval, and the winner ('cache' / 'text' when the interval excludes 0, else 'tie')."""
+    summary = summarize(df, by=GROUP)
+    rows = []
+    for key, part in summary.groupby([*GROUP, "cap"], dropna=False, sort=True):
+        family = part["method"].map(_family)
+        cache, text = part[family == "cache"], part[family == "text"]
+        if cache.empty or text.empty:
+            continue
+        (best_cache, cache_rule), (best_text, text_rule) = _best(cache), _best(text)
+        cell = df[(df[list(GROUP)] == pd.Series(dict(zip(GROUP, key[:4])))).all(axis=1)]
+        cap = key[4]
+        at_cap = cell[cell["cap"].isna()] if pd.isna(cap) else cell[cell["cap"] == cap]
+        flags = {m: at_cap[at_cap["method"] == m].sort_values("item_id")["correct"].to_numpy(float)
+                 for m in (best_cache["method"], best_text["method"])}
+        low, high = paired_bootstrap(flags[best_cache["method"]], flags[best_text["method"]], params.bootstrap,
+                                     params.seed)
+        diff = best_cache["accuracy"] - best_text["accuracy"]
+        rows.append({**dict(zip(GROUP, key[:4])), "cap": cap,
+                     "cache_method": best_cache["method"], "cache_accuracy": best_cache["accuracy"],
+                     "cache_bytes": best_cache["bytes_mean"], "cache_e2e_ms": best_cache["e2e_ms"],
+                     "cache_tie_break": cache_rule,
+                     "text_method": best_text["method"], "text_accuracy": best_text["accuracy"],
+                     "text_bytes": best_text["bytes_mean"], "text_e2e_ms": best_text["e2e_ms"],
+                     "text_tie_break": text_rule,
+                     "diff_points": 100 * diff, "diff_low": 100 * low, "diff_high": 100 * high,
+                     "winner": "cache" if low > 0 else "text" if high < 0 else "tie"})
+    return pd.DataFrame(rows)
+
+
+def closest_calls(df: pd.DataFrame, params: Params) -> dict:
+    """Per pair, the main-shard cell with the smallest |difference| between two methods that are not both
+    perfect or both at zero: {(pair index, task, bucket, cap): [best cache method, best text method]}."""
+    table = regime_table(df[df["shard"] == 0], params)
+    out = {}
+    for pair, part in table.groupby("pair", sort=False):
+        informative = part[~((part["cache_accuracy"] == part["text_accuracy"])
+                             & part["cache_accuracy"].isin([0.0, 1.0]))]
+        if informative.empty:
+            continue
+        row = informative.loc[(informative["diff_points"].abs()).idxmin()]
+        cap = None if pd.isna(row["cap"]) else int(row["cap"])
+        out[(list(params.pairs).index(pair), row["task"], int(row["context_len_bucket"]), cap)] = [row["cache_method"],
+                                                                                      row["text_method"]]
+    return out
+
+
+def flips(table: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Per (pair, task, bucket) of the main shard: the smallest cap where the cache wins beyond noise, where
+    it is ahead at all, the cap where the winner flips (the first cap after which the sign of the difference
+    changes), and the bytes each side needs to reach `target_accuracy` (NaN: never within the caps)."""
+    rows = []
+    main = table[table["shard"] == 0]
+    for key, part in main.groupby(["pair", "task", "context_len_bucket"], sort=False):
+        capped = part[part["cap"].notna()].sort_values("cap")
+        signs = np.sign(capped["diff_points"].to_numpy())
+        flip = next((int(c) for c, s, prev in zip(capped["cap"].iloc[1:], signs[1:], signs[:-1])
+                     if s != prev and s != 0), None)
+        reach = {}
+        for side in ("cache", "text"):
+            ok = part[part[f"{side}_accuracy"] >= params.target_accuracy]
+            reach[f"{side}_bytes_to_target"] = float(ok[f"{side}_bytes"].min()) if not ok.empty else float("nan")
+        wins = capped[capped["winner"] == "cache"]
+        ahead = capped[capped["diff_points"] > 0]
+        rows.append({"pair": key[0], "task": key[1], "context_len_bucket": key[2],
+                     "cache_wins_from": int(wins["cap"].min()) if not wins.empty else None,
+                     "cache_ahead_from": int(ahead["cap"].min()) if not ahead.empty else None,
+                     "flip_cap": flip, "cache_wins": int((part["winner"] == "cache").sum()),
+                     "text_wins": int((part["winner"] == "text").sum()), "ties": int((part["winner"] == "tie").sum()),
+                     **reach})
+    return pd.DataFrame(rows)
+
+
+def why(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per main-shard cell, what the best cache method's bytes are made of (mean header / indices / map /
+    payload / scales / checksum bytes), the fraction of context tokens it kept, and the end-to-end latency
+    of cache and text (the hint's generation counts on the text side)."""
+    rows = []
+    parts = ("header", "indices", "map", "payload", "scales", "checksum")
+    for row in table[table["shard"] == 0].itertuples():
+        sel = (df["pair"] == row.pair) & (df["task"] == row.task) & (df["shard"] == 0)
+        sel &= df["context_len_bucket"] == row.context_len_bucket
+        sel &= df["cap"].isna() if pd.isna(row.cap) else df["cap"] == row.cap
+        cache = df[sel & (df["method"] == row.cache_method)]
+        out = {"pair": row.pair, "task": row.task, "context_len_bucket": row.context_len_bucket, "cap": row.cap,
+               "method": row.cache_method, "tokens_kept": float((cache["tokens_sent"] / cache["context_tokens"]).mean()),
+               "cache_e2e_ms": row.cache_e2e_ms, "text_e2e_ms": row.text_e2e_ms, "text_method": row.text_method}
+        for name in parts:
+            column = f"bytes_{name}"
+            out[column] = float(cache[column].fillna(0).mean()) if column in cache else 0.0
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def macros(table: pd.DataFrame, flip_table: pd.DataFrame, params: Params) -> dict:
+    """Per (pair, task, bucket): the cap from which the cache wins beyond noise and where the winner flips
+    ('none' if never), and the counts of cells each side wins."""
+    target = params.target or "fig8"
+    values = {}
+    for row in flip_table.itertuples():
+        base = (target, row.pair, row.task, f"ctx{row.context_len_bucket}")
+        values[macro_name(*base, "cache wins from")] = "none" if row.cache_wins_from is None else str(row.cache_wins_from)
+        values[macro_name(*base, "flip cap")] = "none" if row.flip_cap is None else str(row.flip_cap)
+        values[macro_name(*base, "cache wins")] = int(row.cache_wins)
+        values[macro_name(*base, "text wins")] = int(row.text_wins)
+    return values

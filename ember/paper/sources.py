@@ -33,7 +33,7 @@ _SPANS = re.compile(r"\\(?:val|cite[pt]?|ref|eqref|autoref|label|input|emberfigu
                     r"|bibliographystyle|usepackage|documentclass)(?:\[[^\]]*\])?\{[^{}]*\}")
 # Names with digits the prose may mention: models, the wire format, GPUs, number formats, make variables.
 ALLOWED = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen3-4B", "SmolLM2-135M", "KVWire v1", "H100", "H200", "int4",
-           "int8", "fp16", "bf16", "REUSE=1", "STRICT=1", "STALE=1")
+           "int8", "fp16", "bf16", "UTF-8", "REUSE=1", "STRICT=1", "STALE=1")
 
 
 def strip_comments(text: str) -> str:
@@ -98,7 +98,7 @@ def prose_digits(text: str, path: Path = Path("<source>"), allowed=ALLOWED) -> l
     clean = re.sub("|".join(rf"(?<![A-Za-z0-9]){re.escape(w)}(?![A-Za-z0-9])" for w in words), "", clean)
     found = []
     for number, line in enumerate(clean.splitlines(), start=1):
-        for match in re.finditer(r"\d", line):
+        for match in re.finditer(r"\d+(?:[.,]\d+)*", line):  # one per number
             found.append(Digit(path, number, line[max(0, match.start() - 30): match.end() + 30].strip()))
     return found
 
@@ -119,3 +119,30 @@ def paper_uses(paper_dir: Path = PAPER_DIR) -> dict[Path, Uses]:
 def defined_macros(text: str) -> set[str]:
     """Macro names a generated file defines with \\newcommand."""
     return set(re.findall(r"\\newcommand\{\\([A-Za-z]+)\}", text))
+
+
+def check_sources(known: set[str] | dict, paper_dir: Path = PAPER_DIR) -> list[str]:
+    """Problems of the sources, one line each (none: they are sound): a quoted macro that no experiment writes
+    (`known`: the names the experiments' macro writers produce), a generated macro used without \\val, a digit
+    typed into the prose, a figure or table of no catalog target, a shown target whose command the
+    reproducibility appendix does not give."""
+    problems = []
+    shown = []
+    for path, found in paper_uses(paper_dir).items():
+        where = path.name
+        problems += [f"{where}: \\val{{{m}}}: expected a macro some experiment writes, found none that does"
+                     for m in found.macros if m not in known]
+        problems += [f"{where}: \\{m}: expected \\val{{{m}}} (a bare macro breaks the build while it is missing)"
+                     for m in found.bare_macros]
+        problems += [f"{digit}: expected no digit in the prose (quote numbers with \\val{{...}})"
+                     for digit in found.digits]
+        for name in found.figures + found.tables:
+            if name.split("_", 1)[0] not in CATALOG:
+                problems.append(f"{where}: {name}: expected a figure or table of one of {sorted(CATALOG)}")
+            else:
+                shown.append(name.split("_", 1)[0])
+    appendix = Path(paper_dir) / "sections" / "reproducibility.tex"
+    text = strip_comments(appendix.read_text()) if appendix.is_file() else ""
+    problems += [f"{appendix.name}: expected the command of {target} ({CATALOG[target].command}), found none"
+                 for target in dict.fromkeys(shown) if CATALOG[target].command not in text]
+    return problems

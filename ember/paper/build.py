@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.errors import ReportError
-from ember.paper.runs import target_of
+from ember.paper.runs import CATALOG, target_of
 from ember.paper.sources import PAPER_DIR, defined_macros, paper_uses
 from ember.report import atomic_write, output_root
 
@@ -27,18 +27,22 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9/._-]+$")
 
 
 def figures_dir() -> Path:
+    """Where runs put their figures."""
     return output_root() / "figures"
 
 
 def generated_dir() -> Path:
+    """Where runs put the paper's macros and tables."""
     return output_root() / "paper" / "generated"
 
 
 def build_dir() -> Path:
+    """Where LaTeX runs (aux files, logs)."""
     return output_root() / "paper" / "build"
 
 
 def pdf_path() -> Path:
+    """The built paper."""
     return output_root() / "paper" / "main.pdf"
 
 
@@ -91,8 +95,11 @@ class Missing:
 
     def lines(self) -> list[str]:
         """One line per missing thing, naming the command that generates it."""
-        out = [f"figure {name}: not yet run (make {name})" for name in self.figures]
-        out += [f"table {name}: not yet run (make {target_of(name)})" for name in self.tables]
+        def run(target: str) -> str:
+            return f"make {target}" + ("" if CATALOG[target].built else "; its experiment is not built yet")
+
+        out = [f"figure {name}: not yet run ({run(target_of(name))})" for name in self.figures]
+        out += [f"table {name}: not yet run ({run(target_of(name))})" for name in self.tables]
         out += [f"macro \\{name}: not in paper/generated/{target}.tex (make {target})"
                 for name, target in self.macros.items()]
         out += [f"macro \\{name}: used without \\val{{...}} (write \\val{{{name}}})" for name in self.bare_macros]

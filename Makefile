@@ -5,6 +5,7 @@
 #                                     STALE=1 also renders a run of unknown git SHA, marked stale
 #   make stamp                    write the git SHA into .ember-sha before shipping the tree to a GPU machine
 #   make test                     pytest + nbval (smoke profile)
+#   make paper [STRICT=1]         paper/main.pdf from figures/ and paper/generated/ (STRICT=1: fail on missing)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,14 +14,15 @@ PROFILE ?= default
 P ?=
 REUSE ?=
 STALE ?=
+STRICT ?=
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1
 TEST_OUT := $(CURDIR)/.test-out
 
-.PHONY: setup all test bench lab clean help targets models stamp $(FIGURES)
+.PHONY: setup all test bench lab clean help targets models stamp paper $(FIGURES)
 
 help:
-	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup all $(FIGURES) models stamp test bench lab clean"
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup all $(FIGURES) paper models stamp test bench lab clean"
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,11 @@ all: $(FIGURES)
 # One rule for every figure/table: add the target's name to FIGURES.
 $(FIGURES): setup
 	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse) $(if $(STALE),--allow-stale)
+
+# paper/main.pdf from figures/ and paper/generated/ (LaTeX installed from Debian packages when missing);
+# STRICT=1 fails while a figure, table or macro is missing, naming them
+paper: setup
+	$(PY) -m ember.paper build $(if $(STRICT),--strict)
 
 targets: setup
 	$(PY) -m ember.cli targets

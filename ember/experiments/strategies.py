@@ -6,6 +6,7 @@ rollout + update throughput end to end."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -119,8 +120,16 @@ def macros(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame, ta
     return values
 
 
+def latex_escaped(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with LaTeX's special characters escaped in its text cells (`best_of_n` -> `best\\_of\\_n`)."""
+    def escape(value):
+        return re.sub(r"([&%$#_{}])", r"\\\1", value) if isinstance(value, str) else value
+
+    return table.apply(lambda column: column if pd.api.types.is_numeric_dtype(column) else column.map(escape))
+
+
 def latex_tables(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame) -> dict[str, str]:
-    """The three tables as LaTeX (df.to_latex), columns renamed for print."""
+    """The three tables as LaTeX (df.to_latex), columns renamed for print, text cells escaped."""
     cols = {"policy": "Policy", "rollout_hours": "Rollout GPU-h", "final_reward": "Final reward",
             "held_out_accuracy": "Held-out acc.", "peak_memory_bytes": "Peak mem. (GB)",
             "prefill_work_saved_pct_vs_naive": "Prefill saved (\\%)", "k_rel_l2": "K err.", "v_rel_l2": "V err."}
@@ -132,7 +141,6 @@ def latex_tables(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFra
                   "peak_memory_bytes": "Peak mem. (GB)", "tokens_per_s": "Tokens/s"}
     sync = stack[list(stack_cols)].copy()
     sync[["weights_bytes", "peak_memory_bytes"]] = sync[["weights_bytes", "peak_memory_bytes"]] / 1e9
-    return {"tab1_policies": table.rename(columns=cols).to_latex(index=False, float_format="%.3g"),
-            "tab1_ladder": ladder[list(ladder_cols)].rename(columns=ladder_cols).to_latex(index=False,
-                                                                                          float_format="%.3g"),
-            "tab1_stack": sync.rename(columns=stack_cols).to_latex(index=False, float_format="%.3g")}
+    tables = {"tab1_policies": table.rename(columns=cols), "tab1_ladder": ladder[list(ladder_cols)].rename(
+        columns=ladder_cols), "tab1_stack": sync.rename(columns=stack_cols)}
+    return {name: latex_escaped(t).to_latex(index=False, float_format="%.3g") for name, t in tables.items()}

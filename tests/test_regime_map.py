@@ -120,7 +120,7 @@ def comparable(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_sequential_and_simultaneous_give_identical_results(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "seq"))
-    sequential, _ = regime_map.run(smoke(sequential="true"), progress=False)
+    sequential, _ = regime_map.run(smoke(sequential="true", keep_blobs="true"), progress=False)
     assert list((tmp_path / "seq" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "sim"))
     simultaneous, _ = regime_map.run(smoke(sequential="false"), progress=False)
@@ -157,7 +157,7 @@ def test_finished_cells_are_reused_grown_and_forced(tmp_path, monkeypatch):
 
 def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "clean"))
-    clean, _ = regime_map.run(smoke(), progress=False)
+    clean, _ = regime_map.run(smoke(buckets="[96]"), progress=False)
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "crash"))
     calls = {"n": 0}
     original = regime_map.Harness.run
@@ -170,7 +170,8 @@ def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(regime_map.Harness, "run", crash_after_three)
     with pytest.raises(RuntimeError, match="receiver crashed"):
-        regime_map.run(smoke(), progress=False)
+        regime_map.run(smoke(buckets="[96]"), progress=False)
+    assert list((tmp_path / "crash" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))
     monkeypatch.setattr(regime_map.Harness, "run", original)
 
     def no_sharer(*args, **kwargs):
@@ -178,8 +179,9 @@ def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SharerSide, "encode", no_sharer)
     monkeypatch.setattr(SharerSide, "hints", no_sharer)
-    resumed, _ = regime_map.run(smoke(), progress=False)
+    resumed, _ = regime_map.run(smoke(buckets="[96]"), progress=False)
     pd.testing.assert_frame_equal(comparable(clean), comparable(resumed))
+    assert not list((tmp_path / "crash" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))  # done: removed
 
 
 def test_the_closest_call_is_rerun_on_another_shard(tmp_path, monkeypatch):
@@ -248,3 +250,14 @@ def test_the_flip_cap_is_where_the_sign_changes():
     assert regime_map.flips(table, params).iloc[0]["flip_cap"] == 1000
     macros = regime_map.macros(table, regime_map.flips(table, params), params)
     assert macros["figEightPRecallCtxFiveOneTwoFlipCap"] == "1000"
+
+
+def test_a_tie_between_two_leaders_is_no_flip_but_a_change_of_leader_is():
+    df = pd.DataFrame(rows("kv:front:int8", 100, [0] * 10, 90) + rows("text:raw", 100, [0] * 10, 100)
+                      + rows("kv:front:int8", 1000, [0] * 10, 900) + rows("text:raw", 1000, [1] * 10, 1000)
+                      + rows("kv:front:int8", 5000, [1] * 5 + [0] * 5, 900) + rows("text:raw", 5000, [1] * 10, 1000))
+    params = smoke(bootstrap=100, pairs="[p]")
+    flips = regime_map.flips(regime_map.regime_table(df, params), params).iloc[0]
+    assert flips["flip_cap"] is None or pd.isna(flips["flip_cap"])
+    assert regime_map.macros(regime_map.regime_table(df, params), regime_map.flips(
+        regime_map.regime_table(df, params), params), params)["figEightPRecallCtxFiveOneTwoFlipCap"] == "none"

@@ -10,9 +10,10 @@ items (fresh seeds) so its interval can be read twice.
 
 Execution: every finished (pair, task, bucket, shard, method, cap) is stored under reports/fig8/cells/ keyed
 by a hash of its config and of ember's code, so a sweep resumes after a crash or across GPU runs (`force`
-recomputes). Sequential by default: each pair's sharer computes every missing message (blobs in
-reports/fig8/wire_blobs/, stable names) and is unloaded before the receiver loads and applies them; a
-receiver that crashes resumes from the saved blobs without the sharer.
+recomputes). Sequential by default, one (pair, task, bucket, shard) group at a time: the pair's sharer
+computes every missing message of the group (blobs in reports/fig8/wire_blobs/, stable names) and is unloaded
+before the receiver loads and applies them; a receiver that crashes resumes from the saved blobs without the
+sharer. A group's blobs are removed once its cells are stored (`keep_blobs` keeps them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gc
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +35,7 @@ from ember.comm.long_context import FILLER_VERSION, long_items
 from ember.comm.messages import SharerSide, StoredMessages
 from ember.comm.train_fuser import load_fuser
 from ember.engine import Engine
-from ember.errors import CommError, ParamsError
+from ember.errors import CommError, ParamsError, ReportError
 from ember.experiments.budget_curves import summarize
 from ember.experiments.cells import CellStore
 from ember.experiments.workloads import resolve_device
@@ -43,8 +45,9 @@ from ember.report import macro_name, report_dir
 
 CACHE_FAMILIES = ("kv", "rd")
 GROUP = ("pair", "task", "context_len_bucket", "shard")
+# Params the cells' names carry, or that only analyse or schedule: left out of the run's key.
 PER_CELL = ("pairs", "sharers", "projectors", "tasks", "buckets", "caps", "full", "methods", "stability_shards",
-            "target_accuracy", "bootstrap", "sequential")  # the cells' names carry these, or they only analyse
+            "target_accuracy", "bootstrap", "sequential", "keep_blobs")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Params(RunParams):
     target_accuracy: float = param(0.5, low=0.0, high=1.0)  # "bytes to reach" this accuracy
     bootstrap: int = param(1000, low=10)  # resamples of the paired accuracy difference
     stability_shards: int = param(1, low=0)  # other shards of items the closest call per pair is re-run on
-    sequential: bool = True  # sharer first (blobs saved, sharer unloaded), then the receiver
+    sequential: bool = True  # per group: sharer first (blobs saved, sharer unloaded), then the receiver
+    keep_blobs: bool = False  # keep a group's wire blobs after its cells are stored (they can be large)
     force: bool = False  # recompute finished cells
     time_budget_s: float = param(0.0, low=0.0)  # stop (resumable) after this many seconds; 0 = no limit
 
@@ -204,21 +208,25 @@ def _group_cells(params: Params, group: tuple, spec) -> list[tuple[str, str, int
 
 
 def _run_groups(params: Params, store: CellStore, pairs: _Pairs, plan: dict, progress) -> pd.DataFrame:
-    """The rows of every cell of the planned groups; missing cells computed (sharer pass first when
-    sequential), each stored as it finishes."""
-    cells = {group: _group_cells(params, group, spec) for group, spec in plan.items()}
-    missing = {group: set(store.missing([c[0] for c in group_cells]))
-               for group, group_cells in cells.items()}
-    contexts = {}
-    if params.sequential:
-        for index in sorted({g[0] for g, names in missing.items() if names}):
-            _sharer_pass(params, pairs, index, {g: [c for c in cells[g] if c[0] in missing[g]]
-                                                for g in cells if g[0] == index and missing[g]})
-    computes = {}
-    for group, group_cells in cells.items():
-        for name, method, cap in group_cells:
-            computes[name] = (lambda g=group, m=method, c=cap: _compute(params, pairs, g, m, c, contexts))
-    return store.run(computes, progress)
+    """The rows of every cell of the planned groups, one group at a time; a group's missing cells are
+    computed (sequential: its sharer pass first, its blobs removed once its cells are stored unless
+    `keep_blobs`), each cell stored as it finishes."""
+    frames = []
+    for group, spec in plan.items():
+        cells = _group_cells(params, group, spec)
+        missing = set(store.missing([name for name, _, _ in cells]))
+        if missing and store.out_of_time():
+            raise ReportError(f"{params.target or 'fig8'}: time_budget_s={store.budget:g} spent with cells left; the "
+                              f"finished ones are stored in {store.folder}: run again to continue")
+        if missing and params.sequential:
+            _sharer_pass(params, pairs, group, [c for c in cells if c[0] in missing])
+        contexts = {}
+        computes = {name: (lambda m=method, c=cap: _compute(params, pairs, group, m, c, contexts))
+                    for name, method, cap in cells}
+        frames.append(store.run(computes, progress))
+        if missing and params.sequential and not params.keep_blobs:
+            shutil.rmtree(_blob_folder(params, group), ignore_errors=True)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _blob_folder(params: Params, group: tuple):
@@ -236,28 +244,27 @@ def _items(params: Params, group: tuple, tokenizer):
     return long_items(task, params.items, params.seed + shard * params.items, bucket, count, params.facts)
 
 
-def _sharer_pass(params: Params, pairs: _Pairs, index: int, groups: dict) -> None:
-    """Every message the pair's missing cells need, computed by its sharer and saved; the sharer is then
-    unloaded (and the receiver before it, so the two are never loaded together)."""
+def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list) -> None:
+    """Every message a group's missing cells need, computed by its pair's sharer and saved; the sharer is
+    then unloaded (and the receiver before it, so the two are never loaded together)."""
     pairs.drop_receiver()
-    sharer = pairs.sharer(index)
-    projector = pairs.projector(index, sharer.device)
+    sharer = pairs.sharer(group[0])
+    projector = pairs.projector(group[0], sharer.device)
     receiver_tokenizer = load_spec_tokenizer(params.model)
-    for group, group_cells in groups.items():
-        items = [x.item for x in _items(params, group, receiver_tokenizer)]
-        stored = StoredMessages(_blob_folder(params, group),
-                                SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
-        methods = sorted({m for _, m, _ in group_cells if m not in CAP_FREE + ("text:raw",)})
-        caps = sorted({c for _, m, c in group_cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
-        sharer_pass(stored, items, receiver_tokenizer, methods, caps)
-        stored.release()
-    del sharer, projector
+    items = [x.item for x in _items(params, group, receiver_tokenizer)]
+    stored = StoredMessages(_blob_folder(params, group),
+                            SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
+    methods = sorted({m for _, m, _ in cells if m not in CAP_FREE + ("text:raw",)})
+    caps = sorted({c for _, m, c in cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
+    sharer_pass(stored, items, receiver_tokenizer, methods, caps)
+    stored.release()
+    del sharer, projector, stored
     _free_memory()
 
 
 def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int | None, contexts: dict) -> pd.DataFrame:
     """One cell's rows, through the group's harness (made once per group, on the receiver)."""
-    if group not in contexts:
+    if not contexts:
         receiver = pairs.get_receiver()
         items = _items(params, group, receiver.tokenizer)
         index = group[0]
@@ -270,8 +277,8 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
             harness = Harness(receiver, pairs.live_sharer(index), [x.item for x in items], params.max_tokens,
                               params.hint_max_tokens, params.seed, False, projector=projector)
         meta = {x.item.item_id: (x.context_len, x.fact_position) for x in items}
-        contexts[group] = (harness, meta)
-    harness, meta = contexts[group]
+        contexts.update(harness=harness, meta=meta)
+    harness, meta = contexts["harness"], contexts["meta"]
     df = pd.DataFrame(harness.run([method], [cap]))
     pair, task, bucket, shard = params.pairs[group[0]], *group[1:]
     df["pair"], df["context_len_bucket"], df["shard"] = pair, bucket, shard
@@ -359,9 +366,11 @@ def flips(table: pd.DataFrame, params: Params) -> pd.DataFrame:
     main = table[table["shard"] == 0]
     for key, part in main.groupby(["pair", "task", "context_len_bucket"], sort=False):
         capped = part[part["cap"].notna()].sort_values("cap")
-        signs = np.sign(capped["diff_points"].to_numpy())
-        flip = next((int(c) for c, s, prev in zip(capped["cap"].iloc[1:], signs[1:], signs[:-1])
-                     if s != prev and s != 0), None)
+        flip, leader = None, 0.0  # the first cap whose leader differs from the last cap that had one
+        for cap, sign in zip(capped["cap"], np.sign(capped["diff_points"].to_numpy())):
+            if sign and leader and sign != leader and flip is None:
+                flip = int(cap)
+            leader = sign or leader
         reach = {}
         for side in ("cache", "text"):
             ok = part[part[f"{side}_accuracy"] >= params.target_accuracy]
@@ -405,8 +414,13 @@ def macros(table: pd.DataFrame, flip_table: pd.DataFrame, params: Params) -> dic
     values = {}
     for row in flip_table.itertuples():
         base = (target, row.pair, row.task, f"ctx{row.context_len_bucket}")
-        values[macro_name(*base, "cache wins from")] = "none" if row.cache_wins_from is None else str(row.cache_wins_from)
-        values[macro_name(*base, "flip cap")] = "none" if row.flip_cap is None else str(row.flip_cap)
+        values[macro_name(*base, "cache wins from")] = _cap_text(row.cache_wins_from)
+        values[macro_name(*base, "flip cap")] = _cap_text(row.flip_cap)
         values[macro_name(*base, "cache wins")] = int(row.cache_wins)
         values[macro_name(*base, "text wins")] = int(row.text_wins)
     return values
+
+
+def _cap_text(cap) -> str:
+    """A cap for a macro: its bytes, or 'none'."""
+    return "none" if cap is None or pd.isna(cap) else str(int(cap))

@@ -36,7 +36,7 @@ class Target:
 # fig2 rollout time decomposition, fig3 cumulative cost, fig4 update locality, fig5 stale K/V, fig6 prefix
 # savings, fig7 budget curves, fig8 regime map, tab1 strategies, tab3 head-to-head at equal bytes
 CATALOG = {t.name: t for t in (Target("fig2"), Target("fig3"), Target("fig4"), Target("fig5"), Target("fig6"),
-                               Target("fig7"), Target("fig8", built=False), Target("tab1"),
+                               Target("fig7"), Target("fig8"), Target("tab1"),
                                Target("tab3", built=False))}
 
 
@@ -84,6 +84,13 @@ def _fig7(df, params):
     return budget_curves.macros(budget_curves.summarize(df), params)
 
 
+def _fig8(df, params):
+    from ember.experiments import regime_map
+
+    table = regime_map.regime_table(df, params)
+    return regime_map.macros(table, regime_map.flips(table, params), params)
+
+
 def _tab1(df, params):
     from ember.experiments import strategies
 
@@ -93,7 +100,7 @@ def _tab1(df, params):
 
 # target -> (df, params) -> macros: what notebooks/<target>_*.ipynb passes to publish(macros=...)
 MACRO_WRITERS = {"fig2": _fig2, "fig3": _fig3, "fig4": _fig4, "fig5": _fig5, "fig6": _fig6, "fig7": _fig7,
-                 "tab1": _tab1}
+                 "fig8": _fig8, "tab1": _tab1}
 
 
 def run_params(manifest: dict):

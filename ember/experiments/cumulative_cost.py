@@ -12,7 +12,7 @@ import pandas as pd
 from ember.experiments.cells import CellStore
 from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell
 from ember.params import param
-from ember.report import macro_name
+from ember.report import Fixed, macro_name
 from ember.train import TRAINERS
 
 
@@ -99,7 +99,7 @@ def macros(summary: pd.DataFrame, target: str = "fig3") -> dict:
                 values[macro_name(target, row.policy_key, "time saved", label)] = float(saved)
         diff = getattr(row, "reward_diff_vs_naive", None)
         if diff is not None and row.policy_key != "naive":
-            values[macro_name(target, row.policy_key, "reward diff vs naive")] = float(diff)
+            values[macro_name(target, row.policy_key, "reward diff vs naive")] = Fixed(float(diff), 3)
     if "rollout_saved_pct_vs_naive" in summary.columns:
         best = summary.loc[summary["rollout_saved_pct_vs_naive"].idxmax()]
         values[macro_name(target, "best policy")] = str(best["policy"])

@@ -19,7 +19,7 @@ from ember.models.lora import PROJECTIONS
 from ember.params import RunParams, param
 from ember.policies import KeepStale, PeriodicRefresh, PolicyRunner, UpdatableKV
 from ember.policies.probes import ProbeSpec, fresh_reference, probe
-from ember.report import macro_name, report_dir
+from ember.report import Fixed, macro_name, report_dir
 from ember.train import TrainConfig
 from ember.train.trajectory import trajectory
 
@@ -163,13 +163,13 @@ def macros(summary: pd.DataFrame, target: str = "fig5", at_update: int = 10) -> 
     for row in summary[summary["update"] == point].itertuples():
         values[name(row, "k err last")] = 100 * row.k_err_last
         values[name(row, "v err last")] = 100 * row.v_err_last
-        values[name(row, "kl")] = row.kl
+        values[name(row, "kl")] = Fixed(float(row.kl), 4)
     for row in stalest(summary).itertuples():
         values[name(row, "stalest k err last")] = 100 * row.k_err_last
         values[name(row, "stalest updates")] = int(row.since_refresh)
     for row in stalest(summary, quality=True).itertuples():
         values[name(row, "agreement")] = 100 * row.greedy_agreement
         if not pd.isna(row.reward):
-            values[name(row, "reward change")] = row.reward - row.reward_fresh
+            values[name(row, "reward change")] = Fixed(float(row.reward - row.reward_fresh), 3)
     values[macro_name(target, "macro update")] = point
     return values

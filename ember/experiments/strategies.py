@@ -16,7 +16,7 @@ from ember.experiments.cumulative_cost import summarize as summarize_policies
 from ember.experiments.cumulative_cost import with_cumulative
 from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell
 from ember.params import param
-from ember.report import macro_name, report_dir
+from ember.report import Fixed, macro_name, report_dir
 from ember.train import TRAINERS, TrainConfig, make_trainer
 from ember.train.sync import measure_sync
 
@@ -111,7 +111,7 @@ def macros(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame, ta
         if saved is not None and row.policy_key != "naive":
             values[macro_name(target, row.policy_key, "time saved vs naive")] = float(saved)
     for row in ladder.itertuples():
-        values[macro_name(target, row.trainer, "final reward")] = float(row.final_reward)
+        values[macro_name(target, row.trainer, "final reward")] = Fixed(float(row.final_reward), 3)
     swap = stack["sync_s"].iloc[0]
     for row, key in zip(stack.itertuples(), ("swap", "copy", "reload")):
         values[macro_name(target, key, "sync ms")] = 1000 * float(row.sync_s)

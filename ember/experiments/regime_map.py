@@ -219,21 +219,22 @@ def _run_groups(params: Params, store: CellStore, pairs: _Pairs, plan: dict, pro
             raise ReportError(f"{params.target or 'fig8'}: time_budget_s={store.budget:g} spent with cells left; the "
                               f"finished ones are stored in {store.folder}: run again to continue")
         if missing and params.sequential:
-            _sharer_pass(params, pairs, group, [c for c in cells if c[0] in missing])
+            _sharer_pass(params, pairs, group, [c for c in cells if c[0] in missing], store.run_key)
         contexts = {}
-        computes = {name: (lambda m=method, c=cap: _compute(params, pairs, group, m, c, contexts))
+        computes = {name: (lambda m=method, c=cap: _compute(params, pairs, group, m, c, contexts, store.run_key))
                     for name, method, cap in cells}
         frames.append(store.run(computes, progress))
         if missing and params.sequential and not params.keep_blobs:
-            shutil.rmtree(_blob_folder(params, group), ignore_errors=True)
+            shutil.rmtree(_blob_folder(params, group, store.run_key), ignore_errors=True)
     return pd.concat(frames, ignore_index=True)
 
 
-def _blob_folder(params: Params, group: tuple):
+def _blob_folder(params: Params, group: tuple, run_key: str):
+    """A group's wire-blob folder, named by the run's key (params and ember's code) and the pair's models, so
+    blobs of other settings or other code are never reused."""
     i, task, bucket, shard = group
-    key = json.dumps({"model": params.model, "sharer": params.sharers[i], "projector": params.projectors[i],
-                      "items": params.items, "facts": params.facts, "seed": params.seed, "dtype": params.dtype,
-                      "hint_max_tokens": params.hint_max_tokens, "filler": FILLER_VERSION}, sort_keys=True)
+    key = json.dumps({"run": run_key, "sharer": params.sharers[i], "projector": params.projectors[i],
+                      "filler": FILLER_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return report_dir(params.target or "fig8") / "wire_blobs" / f"{params.pairs[i]}-{task}-{bucket}-s{shard}-{digest}"
 
@@ -244,7 +245,7 @@ def _items(params: Params, group: tuple, tokenizer):
     return long_items(task, params.items, params.seed + shard * params.items, bucket, count, params.facts)
 
 
-def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list) -> None:
+def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_key: str) -> None:
     """Every message a group's missing cells need, computed by its pair's sharer and saved; the sharer is
     then unloaded (and the receiver before it, so the two are never loaded together)."""
     pairs.drop_receiver()
@@ -252,7 +253,7 @@ def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list) -> No
     projector = pairs.projector(group[0], sharer.device)
     receiver_tokenizer = load_spec_tokenizer(params.model)
     items = [x.item for x in _items(params, group, receiver_tokenizer)]
-    stored = StoredMessages(_blob_folder(params, group),
+    stored = StoredMessages(_blob_folder(params, group, run_key),
                             SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
     methods = sorted({m for _, m, _ in cells if m not in CAP_FREE + ("text:raw",)})
     caps = sorted({c for _, m, c in cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
@@ -262,7 +263,8 @@ def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list) -> No
     _free_memory()
 
 
-def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int | None, contexts: dict) -> pd.DataFrame:
+def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int | None, contexts: dict,
+             run_key: str) -> pd.DataFrame:
     """One cell's rows, through the group's harness (made once per group, on the receiver)."""
     if not contexts:
         receiver = pairs.get_receiver()
@@ -270,7 +272,7 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
         index = group[0]
         projector = pairs.projector(index, receiver.device)
         if params.sequential:
-            messages = StoredMessages(_blob_folder(params, group))
+            messages = StoredMessages(_blob_folder(params, group, run_key))
             harness = Harness(receiver, None, [x.item for x in items], params.max_tokens, params.hint_max_tokens,
                               params.seed, False, projector=projector, messages=messages)
         else:
@@ -398,7 +400,8 @@ def why(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         sel &= df["cap"].isna() if pd.isna(row.cap) else df["cap"] == row.cap
         cache = df[sel & (df["method"] == row.cache_method)]
         out = {"pair": row.pair, "task": row.task, "context_len_bucket": row.context_len_bucket, "cap": row.cap,
-               "method": row.cache_method, "tokens_kept": float((cache["tokens_sent"] / cache["context_tokens"]).mean()),
+               "method": row.cache_method,
+               "tokens_kept": float((cache["tokens_sent"] / cache["context_tokens"]).mean()),
                "cache_e2e_ms": row.cache_e2e_ms, "text_e2e_ms": row.text_e2e_ms, "text_method": row.text_method}
         for name in parts:
             column = f"bytes_{name}"

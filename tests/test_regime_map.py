@@ -98,10 +98,9 @@ def test_stored_messages_equal_live_ones_and_refuse_a_tampered_blob(tiny, tmp_pa
         StoredMessages(tmp_path).encode(item, method, 4096, 3)
     with pytest.raises(CommError, match="source.json"):
         StoredMessages(tmp_path / "empty")
-    other = Engine.load("tiny-llama", progress=False, prefix_cache=False)
-    if tuple(SharerSide(other).cache_shape) != tuple(SharerSide(tiny).cache_shape):
-        with pytest.raises(CommError, match="another sharer"):
-            StoredMessages(tmp_path, SharerSide(other))
+    (tmp_path / "source.json").write_text('{"cache_shape": [24, 2, 64]}\n')  # blobs of another sharer
+    with pytest.raises(CommError, match="another sharer"):
+        StoredMessages(tmp_path, SharerSide(tiny))
 
 
 # ---- the sweep: registry, sequential vs simultaneous, resume ---------------------------------------------
@@ -157,7 +156,7 @@ def test_finished_cells_are_reused_grown_and_forced(tmp_path, monkeypatch):
 
 def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "clean"))
-    clean, _ = regime_map.run(smoke(buckets="[96]"), progress=False)
+    clean, _ = regime_map.run(smoke(buckets="[96]", stability_shards=0), progress=False)
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "crash"))
     calls = {"n": 0}
     original = regime_map.Harness.run
@@ -170,7 +169,7 @@ def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(regime_map.Harness, "run", crash_after_three)
     with pytest.raises(RuntimeError, match="receiver crashed"):
-        regime_map.run(smoke(buckets="[96]"), progress=False)
+        regime_map.run(smoke(buckets="[96]", stability_shards=0), progress=False)
     assert list((tmp_path / "crash" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))
     monkeypatch.setattr(regime_map.Harness, "run", original)
 
@@ -179,7 +178,7 @@ def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SharerSide, "encode", no_sharer)
     monkeypatch.setattr(SharerSide, "hints", no_sharer)
-    resumed, _ = regime_map.run(smoke(buckets="[96]"), progress=False)
+    resumed, _ = regime_map.run(smoke(buckets="[96]", stability_shards=0), progress=False)
     pd.testing.assert_frame_equal(comparable(clean), comparable(resumed))
     assert not list((tmp_path / "crash" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))  # done: removed
 
@@ -234,7 +233,7 @@ def test_ties_go_to_fewer_bytes_then_lower_latency_and_the_winner_needs_its_inte
     assert table.loc[100, "text_method"] == "text:hint" and table.loc[100, "text_tie_break"] == "latency"
     assert table.loc[100, "winner"] == "cache" and table.loc[100, "diff_points"] == pytest.approx(90)
     assert table.loc[1000, "winner"] == "tie" and table.loc[1000, "cache_tie_break"] == "accuracy"
-    flips = regime_map.flips(table.reset_index(), params).iloc[0]
+    flips = regime_map.flips(table.reset_index(), df, params).iloc[0]
     assert flips["cache_wins_from"] == 100 and flips["cache_ahead_from"] == 100 and flips["flip_cap"] is None
     assert flips["cache_bytes_to_target"] == 80 and flips["text_bytes_to_target"] == 1000
     calls = regime_map.closest_calls(df, params)
@@ -247,17 +246,34 @@ def test_the_flip_cap_is_where_the_sign_changes():
     params = smoke(bootstrap=100, pairs="[p]")
     table = regime_map.regime_table(df, params)
     assert list(table["winner"]) == ["text", "cache"]
-    assert regime_map.flips(table, params).iloc[0]["flip_cap"] == 1000
-    macros = regime_map.macros(table, regime_map.flips(table, params), params)
+    assert regime_map.flips(table, df, params).iloc[0]["flip_cap"] == 1000
+    macros = regime_map.macros(table, regime_map.flips(table, df, params), params)
     assert macros["figEightPRecallCtxFiveOneTwoFlipCap"] == "1000"
 
 
-def test_a_tie_between_two_leaders_is_no_flip_but_a_change_of_leader_is():
-    df = pd.DataFrame(rows("kv:front:int8", 100, [0] * 10, 90) + rows("text:raw", 100, [0] * 10, 100)
-                      + rows("kv:front:int8", 1000, [0] * 10, 900) + rows("text:raw", 1000, [1] * 10, 1000)
-                      + rows("kv:front:int8", 5000, [1] * 5 + [0] * 5, 900) + rows("text:raw", 5000, [1] * 10, 1000))
+def test_a_tie_is_no_flip_and_a_change_of_leader_is():
+    tie_then_text = (rows("kv:front:int8", 100, [0] * 10, 90) + rows("text:raw", 100, [0] * 10, 100)
+                     + rows("kv:front:int8", 1000, [0] * 10, 900) + rows("text:raw", 1000, [1] * 10, 1000))
+    cache_tie_text = (rows("kv:front:int8", 100, [1] * 10, 90) + rows("text:raw", 100, [0] * 10, 100)
+                      + rows("kv:front:int8", 1000, [1] * 10, 900) + rows("text:raw", 1000, [1] * 10, 1000)
+                      + rows("kv:front:int8", 5000, [0] * 10, 900) + rows("text:raw", 5000, [1] * 10, 1000))
     params = smoke(bootstrap=100, pairs="[p]")
-    flips = regime_map.flips(regime_map.regime_table(df, params), params).iloc[0]
-    assert flips["flip_cap"] is None or pd.isna(flips["flip_cap"])
-    assert regime_map.macros(regime_map.regime_table(df, params), regime_map.flips(
-        regime_map.regime_table(df, params), params), params)["figEightPRecallCtxFiveOneTwoFlipCap"] == "none"
+    for data, flip in ((tie_then_text, "none"), (cache_tie_text, "5000")):
+        df = pd.DataFrame(data)
+        table = regime_map.regime_table(df, params)
+        macros = regime_map.macros(table, regime_map.flips(table, df, params), params)
+        assert macros["figEightPRecallCtxFiveOneTwoFlipCap"] == flip
+
+
+def test_bytes_to_target_takes_any_method_of_a_side_and_few_items_win_nothing():
+    df = pd.DataFrame(rows("kv:front:int8", 1000, [1] * 10, 900) + rows("rd:vnorm:int4+int8", 1000, [1] * 6 + [0] * 4, 300)
+                      + rows("text:raw", 1000, [0] * 10, 1000))
+    params = smoke(bootstrap=100, pairs="[p]", target_accuracy=0.6)
+    table = regime_map.regime_table(df, params)
+    assert table.iloc[0]["cache_method"] == "kv:front:int8"
+    assert regime_map.flips(table, df, params).iloc[0]["cache_bytes_to_target"] == 300
+    few = pd.DataFrame(rows("kv:front:int8", 100, [1, 1, 1, 0, 0, 0], 90) + rows("text:raw", 100, [0] * 6, 100))
+    table = regime_map.regime_table(few, params)  # 3 of 6 discordant items: exact p = 0.25, no winner
+    assert table.iloc[0]["diff_low"] > 0 and table.iloc[0]["p_value"] == pytest.approx(0.25)
+    assert table.iloc[0]["winner"] == "tie"
+    assert regime_map.exact_mcnemar(np.ones(10), np.zeros(10)) == pytest.approx(2 / 1024)

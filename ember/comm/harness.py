@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ember.comm.items import CommItem
 from ember.comm.prompt import PromptParts, prompt_parts
-from ember.comm.text import truncate_utf8, write_hints
+from ember.comm.text import truncate_utf8
 from ember.comm.messages import SharerSide, cache_shape
 from ember.comm.transfer import KVMethod, receive
 from ember.engine import SamplingParams

@@ -18,6 +18,8 @@ sharer. A group's blobs are removed once its cells are stored (`keep_blobs` keep
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ember.comm.data import check_disjoint
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method, sharer_pass
 from ember.comm.items import COMM_TASKS
 from ember.comm.long_context import FILLER_VERSION, long_items
@@ -160,8 +163,9 @@ class _Pairs:
             return None
         receiver = load_config(self.params.model)
         sharer = load_config(self.params.sharers[index] or self.params.model)
-        module, manifest, _ = load_fuser(folder, receiver, sharer, device, kind="projector")
+        module, manifest, train_ids = load_fuser(folder, receiver, sharer, device, kind="projector")
         self.provenance[f"projector:{self.params.pairs[index]}"] = {"folder": folder, "git": manifest.get("git")}
+        module.train_ids = train_ids
         return module
 
 
@@ -175,7 +179,8 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     """Every cell of the grid (stored cells reused), then the stability re-runs of each pair's closest call:
     one row per (pair, task, bucket, shard, method, cap, item)."""
     device = resolve_device(params.device)
-    store = CellStore(params, params.time_budget_s, per_cell=PER_CELL, force=params.force)
+    keyed = dataclasses.replace(params, device=device)  # cells of a CPU and a GPU run never mix
+    store = CellStore(keyed, params.time_budget_s, per_cell=PER_CELL, force=params.force)
     pairs = _Pairs(params, device, progress)
     main = [(i, task, bucket, 0) for i in range(len(params.pairs)) for task in params.tasks
             for bucket in params.buckets]
@@ -219,11 +224,14 @@ def _run_groups(params: Params, store: CellStore, pairs: _Pairs, plan: dict, pro
             raise ReportError(f"{params.target or 'fig8'}: time_budget_s={store.budget:g} spent with cells left; the "
                               f"finished ones are stored in {store.folder}: run again to continue")
         if missing and params.sequential:
+            if params.force:  # recompute the messages too, not only the cells
+                shutil.rmtree(_blob_folder(params, group, store.run_key), ignore_errors=True)
             _sharer_pass(params, pairs, group, [c for c in cells if c[0] in missing], store.run_key)
         contexts = {}
         computes = {name: (lambda m=method, c=cap: _compute(params, pairs, group, m, c, contexts, store.run_key))
                     for name, method, cap in cells}
         frames.append(store.run(computes, progress))
+        del computes, contexts  # the group's harness holds the receiver: free it before the next sharer pass
         if missing and params.sequential and not params.keep_blobs:
             shutil.rmtree(_blob_folder(params, group, store.run_key), ignore_errors=True)
     return pd.concat(frames, ignore_index=True)
@@ -239,10 +247,16 @@ def _blob_folder(params: Params, group: tuple, run_key: str):
     return report_dir(params.target or "fig8") / "wire_blobs" / f"{params.pairs[i]}-{task}-{bucket}-s{shard}-{digest}"
 
 
+@functools.lru_cache(maxsize=4)
+def _token_counter(tokenizer):
+    """One counting function per tokenizer (long_items caches the filler's costs per function)."""
+    return lambda text: len(tokenizer.encode(text))
+
+
 def _items(params: Params, group: tuple, tokenizer):
     _, task, bucket, shard = group
-    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
-    return long_items(task, params.items, params.seed + shard * params.items, bucket, count, params.facts)
+    return long_items(task, params.items, params.seed + shard * params.items, bucket, _token_counter(tokenizer),
+                      params.facts)
 
 
 def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_key: str) -> None:
@@ -271,6 +285,8 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
         items = _items(params, group, receiver.tokenizer)
         index = group[0]
         projector = pairs.projector(index, receiver.device)
+        if projector is not None:
+            check_disjoint(projector.train_ids, [x.item.item_id for x in items])
         if params.sequential:
             messages = StoredMessages(_blob_folder(params, group, run_key))
             harness = Harness(receiver, None, [x.item for x in items], params.max_tokens, params.hint_max_tokens,
@@ -292,13 +308,17 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
 
 def _best(part: pd.DataFrame) -> tuple[pd.Series, str]:
     """The best method of a family at one cell: highest accuracy, ties to fewer mean bytes, then lower mean
-    end-to-end latency; and which rule decided."""
-    ranked = part.sort_values(["accuracy", "bytes_mean", "e2e_ms"], ascending=[False, True, True])
+    end-to-end latency, then the method's name (so equal measurements never pick by accident); and which rule
+    decided."""
+    ranked = part.sort_values(["accuracy", "bytes_mean", "e2e_ms", "method"], ascending=[False, True, True, True])
     top = ranked.iloc[0]
-    if len(ranked) == 1 or ranked.iloc[1]["accuracy"] < top["accuracy"]:
+    if len(ranked) == 1:
         return top, "accuracy"
     second = ranked.iloc[1]
-    return top, "bytes" if second["bytes_mean"] > top["bytes_mean"] else "latency"
+    for rule, column in (("accuracy", "accuracy"), ("bytes", "bytes_mean"), ("latency", "e2e_ms")):
+        if second[column] != top[column]:
+            return top, rule
+    return top, "name"
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -311,10 +331,21 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) ->
     return float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
 
 
+def exact_mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value of paired 0/1 outcomes: a binomial test on the items where they differ."""
+    wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def regime_table(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     """Per (pair, task, bucket, shard, cap): best cache vs best text method, their accuracies, bytes and
     latencies, the tie-break rule each needed, the accuracy difference (points) with its paired bootstrap
-    95% interval, and the winner ('cache' / 'text' when the interval excludes 0, else 'tie')."""
+    95% interval, the exact McNemar p-value, and the winner: 'cache' / 'text' when the interval excludes 0
+    and p < 0.05 (the bootstrap alone is too generous on a few items), else 'tie'."""
     summary = summarize(df, by=GROUP)
     rows = []
     for key, part in summary.groupby([*GROUP, "cap"], dropna=False, sort=True):
@@ -331,6 +362,8 @@ def regime_table(df: pd.DataFrame, params: Params) -> pd.DataFrame:
         low, high = paired_bootstrap(flags[best_cache["method"]], flags[best_text["method"]], params.bootstrap,
                                      params.seed)
         diff = best_cache["accuracy"] - best_text["accuracy"]
+        p_value = exact_mcnemar(flags[best_cache["method"]], flags[best_text["method"]])
+        apart = p_value < 0.05
         rows.append({**dict(zip(GROUP, key[:4])), "cap": cap,
                      "cache_method": best_cache["method"], "cache_accuracy": best_cache["accuracy"],
                      "cache_bytes": best_cache["bytes_mean"], "cache_e2e_ms": best_cache["e2e_ms"],
@@ -339,20 +372,22 @@ def regime_table(df: pd.DataFrame, params: Params) -> pd.DataFrame:
                      "text_bytes": best_text["bytes_mean"], "text_e2e_ms": best_text["e2e_ms"],
                      "text_tie_break": text_rule,
                      "diff_points": 100 * diff, "diff_low": 100 * low, "diff_high": 100 * high,
-                     "winner": "cache" if low > 0 else "text" if high < 0 else "tie"})
+                     "p_value": p_value,
+                     "winner": "cache" if low > 0 and apart else "text" if high < 0 and apart else "tie"})
     return pd.DataFrame(rows)
 
 
 def closest_calls(df: pd.DataFrame, params: Params) -> dict:
     """Per pair, the main-shard cell with the smallest |difference| between two methods that are not both
-    perfect or both at zero: {(pair index, task, bucket, cap): [best cache method, best text method]}."""
+    perfect or both at zero (any cell where every one is): {(pair index, task, bucket, cap): [best cache
+    method, best text method]}."""
     table = regime_table(df[df["shard"] == 0], params)
     out = {}
     for pair, part in table.groupby("pair", sort=False):
         informative = part[~((part["cache_accuracy"] == part["text_accuracy"])
                              & part["cache_accuracy"].isin([0.0, 1.0]))]
-        if informative.empty:
-            continue
+        if informative.empty:  # every cell all right or all wrong on both sides: re-run the smallest cap
+            informative = part
         row = informative.loc[(informative["diff_points"].abs()).idxmin()]
         cap = None if pd.isna(row["cap"]) else int(row["cap"])
         out[(list(params.pairs).index(pair), row["task"], int(row["context_len_bucket"]), cap)] = [row["cache_method"],
@@ -360,12 +395,14 @@ def closest_calls(df: pd.DataFrame, params: Params) -> dict:
     return out
 
 
-def flips(table: pd.DataFrame, params: Params) -> pd.DataFrame:
+def flips(table: pd.DataFrame, df: pd.DataFrame, params: Params) -> pd.DataFrame:
     """Per (pair, task, bucket) of the main shard: the smallest cap where the cache wins beyond noise, where
     it is ahead at all, the cap where the winner flips (the first cap after which the sign of the difference
-    changes), and the bytes each side needs to reach `target_accuracy` (NaN: never within the caps)."""
+    changes), and the fewest mean bytes any method of each side needs to reach `target_accuracy` (from the
+    rows `df`; NaN: never within the caps)."""
     rows = []
     main = table[table["shard"] == 0]
+    summary = summarize(df[df["shard"] == 0], by=GROUP)
     for key, part in main.groupby(["pair", "task", "context_len_bucket"], sort=False):
         capped = part[part["cap"].notna()].sort_values("cap")
         flip, leader = None, 0.0  # the first cap whose leader differs from the last cap that had one
@@ -374,9 +411,11 @@ def flips(table: pd.DataFrame, params: Params) -> pd.DataFrame:
                 flip = int(cap)
             leader = sign or leader
         reach = {}
+        mine = summary[(summary["pair"] == key[0]) & (summary["task"] == key[1])
+                       & (summary["context_len_bucket"] == key[2])]
         for side in ("cache", "text"):
-            ok = part[part[f"{side}_accuracy"] >= params.target_accuracy]
-            reach[f"{side}_bytes_to_target"] = float(ok[f"{side}_bytes"].min()) if not ok.empty else float("nan")
+            ok = mine[(mine["method"].map(_family) == side) & (mine["accuracy"] >= params.target_accuracy)]
+            reach[f"{side}_bytes_to_target"] = float(ok["bytes_mean"].min()) if not ok.empty else float("nan")
         wins = capped[capped["winner"] == "cache"]
         ahead = capped[capped["diff_points"] > 0]
         rows.append({"pair": key[0], "task": key[1], "context_len_bucket": key[2],

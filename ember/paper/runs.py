@@ -88,7 +88,7 @@ def _fig8(df, params):
     from ember.experiments import regime_map
 
     table = regime_map.regime_table(df, params)
-    return regime_map.macros(table, regime_map.flips(table, params), params)
+    return regime_map.macros(table, regime_map.flips(table, df, params), params)
 
 
 def _tab1(df, params):

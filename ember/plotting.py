@@ -226,7 +226,7 @@ def regime_map(table, why, title: str):
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("per-sample byte cap")
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="cache - text accuracy (points)")
-    ax.set_title("who wins (* : 95% interval excludes 0)", fontsize=9)
+    ax.set_title("cache - text (*: a winner: interval excludes 0 and exact p < 0.05)", fontsize=9)
 
     lead = why.iloc[0]
     first = why[(why["pair"] == lead["pair"]) & (why["task"] == lead["task"])

@@ -277,3 +277,33 @@ def test_bytes_to_target_takes_any_method_of_a_side_and_few_items_win_nothing():
     assert table.iloc[0]["diff_low"] > 0 and table.iloc[0]["p_value"] == pytest.approx(0.25)
     assert table.iloc[0]["winner"] == "tie"
     assert regime_map.exact_mcnemar(np.ones(10), np.zeros(10)) == pytest.approx(2 / 1024)
+
+
+def test_extraction_through_the_sweep_with_the_why_panel_and_the_figure(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    params = smoke(tasks="[extraction]", buckets="[192]", caps="[0,2048]", stability_shards=0)
+    df, provenance = regime_map.run(params, progress=False)
+    assert provenance["filler"] == FILLER_VERSION and set(df["task"]) == {"extraction"}
+    assert (df["bytes"] <= df["cap"].fillna(float("inf"))).all()  # cap 0 sends nothing, never more
+    assert (df[df["cap"] == 0]["bytes"] == 0).all()
+    table = regime_map.regime_table(df, params)
+    why = regime_map.why(df, table)
+    sections = ["bytes_header", "bytes_indices", "bytes_map", "bytes_payload", "bytes_scales", "bytes_checksum"]
+    sent = why[why["cap"].isna()]
+    assert (sent[sections].sum(axis=1) > 0).all() and sent["tokens_kept"].eq(1.0).all()
+    from ember.plotting import regime_map as plot
+
+    fig = plot(table, why, "extraction")
+    assert len(fig.axes) >= 3
+
+
+def test_configs_and_tokenizers_load_without_weights(tmp_path, tiny_dirs):
+    from ember.errors import ModelLoadError
+    from ember.models.loader import load_config, load_spec_tokenizer
+    from ember.models.presets import PRESETS
+
+    assert load_config("tiny-qwen2") == PRESETS["tiny-qwen2"]
+    assert isinstance(load_spec_tokenizer("tiny-qwen2"), CharTokenizer)
+    assert load_config(str(tiny_dirs["tiny-qwen3"])).num_layers == PRESETS["tiny-qwen3"].num_layers
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_config(str(tmp_path))

@@ -74,11 +74,17 @@ def load(spec: str, dtype="float32", device="cpu", seed: int = 0) -> LoadedModel
 
 
 def _spec_directory(spec: str) -> Path:
-    """The local directory of a package model or a directory spec (config.json required)."""
-    directory = ensure(spec) if spec in PACKAGE_MODELS else Path(spec)
+    """The local directory of a package model, a directory or a hub id, as `load` resolves it (config.json
+    required)."""
+    if spec in PACKAGE_MODELS:
+        directory = ensure(spec)
+    elif Path(spec).is_dir() or not _looks_like_hub_id(spec):
+        directory = Path(spec)
+    else:
+        directory = _download(spec)
     if not (directory / "config.json").exists():
-        raise ModelLoadError(f"model spec {spec!r}: expected a preset, a package model or a directory with "
-                             f"config.json, found no {directory / 'config.json'}")
+        raise ModelLoadError(f"model spec {spec!r}: expected a preset, a package model, a directory with "
+                             f"config.json or a hub id, found no {directory / 'config.json'}")
     return directory
 
 

@@ -51,14 +51,19 @@ def comm_items(task: str, count: int, seed: int, facts: int = 10, context_tokens
     (counted with `count_tokens`). Extraction: one document (with `facts` distractor sentences) each."""
     if task not in COMM_TASKS:
         raise CommError(f"task: expected one of {COMM_TASKS}, found {task!r}")
-    items = []
-    for i in range(count):
-        if task == "extraction":
-            doc = make_extraction(seed + i, distractors=facts)
-            question = EXTRACTION_QUESTION.format(schema=json.dumps(doc.schema))
-            items.append(CommItem(f"extraction-{seed + i}", task, doc.document, question, json.dumps(doc.answer), doc))
-            continue
-        item = make_recall(facts, seed + i, context_tokens=context_tokens, count_tokens=count_tokens)
-        items.append(CommItem(f"recall-{seed + i}", "recall", item.context,
-                              f"{item.question} Answer with the 4-digit code only.", item.answer, item))
-    return items
+    if task == "extraction":
+        return [extraction_comm_item(make_extraction(seed + i, distractors=facts), seed + i) for i in range(count)]
+    return [recall_comm_item(make_recall(facts, seed + i, context_tokens=context_tokens, count_tokens=count_tokens),
+                             seed + i) for i in range(count)]
+
+
+def recall_comm_item(item, seed: int) -> CommItem:
+    """The CommItem of a RecallItem made with `seed`: its context sent, its question asked for the code."""
+    return CommItem(f"recall-{seed}", "recall", item.context, f"{item.question} Answer with the 4-digit code only.",
+                    item.answer, item)
+
+
+def extraction_comm_item(doc, seed: int) -> CommItem:
+    """The CommItem of an ExtractionItem made with `seed`: its document sent, the schema asked for."""
+    return CommItem(f"extraction-{seed}", "extraction", doc.document,
+                    EXTRACTION_QUESTION.format(schema=json.dumps(doc.schema)), json.dumps(doc.answer), doc)

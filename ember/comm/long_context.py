@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 from dataclasses import dataclass
 
-from ember.comm.items import EXTRACTION_QUESTION, COMM_TASKS, CommItem
+from ember.comm.items import COMM_TASKS, CommItem, extraction_comm_item, recall_comm_item
 from ember.errors import CommError
 from ember.tasks.extraction import make_extraction
 from ember.tasks.recall import make_recall
 
 FILLER_VERSION = "filler-v1"
-BUCKETS = (512, 2048, 8192)
 _SUBJECTS = ("The old mill", "A quiet harbor", "The northern trail", "The village choir", "A narrow bridge",
              "The orchard", "The lighthouse keeper", "A traveling band", "The weekly market", "The stone chapel",
              "A small ferry", "The school garden", "The hill farm", "The tide pool", "A wooden cabin",
@@ -129,16 +127,12 @@ def long_items(task: str, count: int, seed: int, bucket: int, count_tokens, fact
             item = make_recall(facts, seed + i)
             sentences = _sentences(item.context)
             padded = pad_with_filler(sentences, item.fact_index, bucket, count_tokens, f"recall-{seed + i}-{bucket}")
-            source = dataclasses.replace(item, context=padded.context)
-            comm = CommItem(f"recall-{seed + i}", task, padded.context,
-                            f"{item.question} Answer with the 4-digit code only.", item.answer, source)
+            comm = recall_comm_item(dataclasses.replace(item, context=padded.context), seed + i)
         else:
             doc = make_extraction(seed + i, distractors=0)
             sentences = _sentences(doc.document)
             padded = pad_with_filler(sentences, 0, bucket, count_tokens, f"extraction-{seed + i}-{bucket}")
-            source = dataclasses.replace(doc, document=padded.context)
-            comm = CommItem(f"extraction-{seed + i}", task, padded.context,
-                            EXTRACTION_QUESTION.format(schema=json.dumps(doc.schema)), json.dumps(doc.answer), source)
+            comm = extraction_comm_item(dataclasses.replace(doc, document=padded.context), seed + i)
         out.append(LongItem(comm, bucket, padded.tokens, padded.fact_position))
     return out
 

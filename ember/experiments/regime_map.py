@@ -118,9 +118,10 @@ def _cell_name(pair: str, sharer: str, projector: str, task: str, bucket: int, s
 class _Pairs:
     """Loads and unloads the engines of a sweep: the receiver kept across groups, a sharer only for its pass."""
 
-    def __init__(self, params: Params, device: str, progress):
-        self.params, self.device, self.progress = params, device, progress
+    def __init__(self, params: Params, device: str):
+        self.params, self.device = params, device
         self.receiver = None
+        self._receiver_tokenizer = None
         self.live_sharers: dict[int, Engine] = {}  # simultaneous runs: sharers kept beside the receiver
         self.provenance: dict = {}
 
@@ -134,6 +135,12 @@ class _Pairs:
             self.receiver = self._load(self.params.model, self.params.seed)
             self.provenance["receiver"] = self.receiver.provenance
         return self.receiver
+
+    def receiver_tokenizer(self):
+        """The receiver's tokenizer, loaded without its weights once per sweep."""
+        if self._receiver_tokenizer is None:
+            self._receiver_tokenizer = load_spec_tokenizer(self.params.model)
+        return self._receiver_tokenizer
 
     def drop_receiver(self) -> None:
         self.receiver = None
@@ -181,7 +188,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     device = resolve_device(params.device)
     keyed = dataclasses.replace(params, device=device)  # cells of a CPU and a GPU run never mix
     store = CellStore(keyed, params.time_budget_s, per_cell=PER_CELL, force=params.force)
-    pairs = _Pairs(params, device, progress)
+    pairs = _Pairs(params, device)
     main = [(i, task, bucket, 0) for i in range(len(params.pairs)) for task in params.tasks
             for bucket in params.buckets]
     plan = {group: list(params.methods) for group in main}
@@ -265,7 +272,7 @@ def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_k
     pairs.drop_receiver()
     sharer = pairs.sharer(group[0])
     projector = pairs.projector(group[0], sharer.device)
-    receiver_tokenizer = load_spec_tokenizer(params.model)
+    receiver_tokenizer = pairs.receiver_tokenizer()
     items = [x.item for x in _items(params, group, receiver_tokenizer)]
     stored = StoredMessages(_blob_folder(params, group, run_key),
                             SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
@@ -294,13 +301,12 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
         else:
             harness = Harness(receiver, pairs.live_sharer(index), [x.item for x in items], params.max_tokens,
                               params.hint_max_tokens, params.seed, False, projector=projector)
-        meta = {x.item.item_id: (x.context_len, x.fact_position) for x in items}
-        contexts.update(harness=harness, meta=meta)
-    harness, meta = contexts["harness"], contexts["meta"]
+        contexts.update(harness=harness, fact_position={x.item.item_id: x.fact_position for x in items})
+    harness, fact_position = contexts["harness"], contexts["fact_position"]
     df = pd.DataFrame(harness.run([method], [cap]))
     pair, task, bucket, shard = params.pairs[group[0]], *group[1:]
     df["pair"], df["context_len_bucket"], df["shard"] = pair, bucket, shard
-    df["fact_position"] = df["item_id"].map(lambda item: meta[item][1])
+    df["fact_position"] = df["item_id"].map(fact_position)
     return df
 
 

@@ -64,8 +64,13 @@ class Attention(nn.Module):
         if step.kv_hook is not None:
             k, v = step.kv_hook(self.index, k, v)
         keys, values = (k, v) if step.kv is None else step.kv.write(self.index, step.slots, k, v)  # (b, Hkv, S, D)
-        causal = step.causal and step.mask is None
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, is_causal=causal, enable_gqa=True)
+        mask = step.mask
+        if step.layer_mask is not None:
+            mask = mask & step.layer_mask[self.index, ..., :keys.shape[2]]  # (b, 1, T, S)
+        if step.query_hook is not None:
+            step.query_hook(self.index, q, keys, mask)
+        causal = step.causal and mask is None
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))  # (b, T, hidden)
 
 

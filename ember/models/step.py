@@ -2,7 +2,8 @@
 
 The decoder consumes a `Step` and imports nothing from the engine. The engine builds steps over its KV cache
 (positions, write slots, masks); training builds a cache-free causal step with `causal_step`. A step also says
-which layers to run, which layers' input hidden states to return, and an optional per-layer K/V hook.
+which layers to run, which layers' input hidden states to return, optional per-layer key masks, and
+optional hooks: one per layer on the new K/V (rewrite), one per layer on the queries (read-only probes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class KVStore(Protocol):
 
 
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+QueryHook = Callable[[int, torch.Tensor, torch.Tensor, object], None]
 
 
 @dataclass
@@ -36,10 +38,21 @@ class Step:
     mask       attention mask over (queries, keys): a bool tensor (b, 1, T, S) True where visible, or a
                torch attention bias object; None with `causal` means plain causal attention.
     causal     with mask None: causal attention (queries and keys aligned at slot 0).
+    layer_mask per-layer key visibility (L, b, 1, 1 or T, S) bool (L = every layer of the model, indexed by
+               layer number), AND-ed into `mask` in layer l as mask & layer_mask[l]; `mask` must then be a
+               bool tensor. Keys beyond the S the layer attends to are ignored (a mask built over a whole
+               cache capacity fits a shorter view). None: every layer uses `mask` as is.
     layers     [start, stop) of the layers to run; None runs them all.
     capture    layers whose input hidden states are returned (a layer index equal to num_layers returns the
                final hidden states before the norm).
     kv_hook    called as hook(layer, k, v) -> (k, v) between RoPE and the cache write, k and v (b, H_kv, T, D).
+    query_hook called as hook(layer, q, keys, mask) just before attention, returning nothing (read-only: it
+               must not modify its arguments): q (b, H, T, D) after q_norm and RoPE, keys (b, H_kv, S, D)
+               everything the queries attend to (cache and new keys, after kv_hook), and the mask actually
+               used: a bool tensor (b, 1, T, S) with `layer_mask` already applied, an attention bias object,
+               or None (then causal attention if `causal`, else every key is visible). Lets a caller compute
+               attention probabilities per layer, softmax(q k^T / sqrt(D)) over visible keys. Under gradient
+               checkpointing it is called again when a layer is recomputed in the backward pass.
     logits     "all" (b, T, V), "last" (b, 1, V) or "none"; only computed when the range ends at the last layer.
     """
 
@@ -52,10 +65,23 @@ class Step:
     capture: tuple[int, ...] = ()
     kv_hook: KVHook | None = None
     logits: str = "all"
+    layer_mask: torch.Tensor | None = None
+    query_hook: QueryHook | None = None
 
     def __post_init__(self):
         if self.logits not in ("all", "last", "none"):
             raise StepError(f"Step.logits: expected 'all', 'last' or 'none', found {self.logits!r}")
+        if self.layer_mask is not None:
+            if not isinstance(self.layer_mask, torch.Tensor) or self.layer_mask.dtype != torch.bool \
+                    or self.layer_mask.dim() != 5:
+                found = (f"{self.layer_mask.dtype} of shape {tuple(self.layer_mask.shape)}"
+                         if isinstance(self.layer_mask, torch.Tensor) else type(self.layer_mask).__name__)
+                raise StepError(f"Step.layer_mask: expected a bool tensor (L, b, 1, 1, S), found {found}")
+            if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool:
+                found = (f"a {self.mask.dtype} tensor" if isinstance(self.mask, torch.Tensor)
+                         else type(self.mask).__name__)
+                raise StepError(f"Step.layer_mask: needs `mask` as a bool tensor (b, 1, T, S) to AND into, "
+                                f"found {found}")
 
 
 @dataclass

@@ -23,6 +23,10 @@ class KVCache:
     (gaps) keep the positions the K/V was computed at. `group` > 1 lets a forward pass over B/group rows (one
     per prompt) write the same K/V into `group` consecutive rows (its candidates): prefill once, shared by n.
     `versions` holds, per row, the per-layer versions of the weights that made its K/V.
+
+    `layer_valid` (L, B, S), None until a `load` brings a per-layer validity, further hides keys from single
+    layers (a past seen by some layers only): layer l attends to slot j of row b where both `key_valid[b, j]`
+    and `layer_valid[l, b, j]` hold. Slots it was not loaded for are valid in every layer.
     """
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device):
@@ -37,7 +41,9 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # device-side cursor of fixed-shape steps
         self.length = 0
-        self.has_padding = False  # True once any slot below the cursor is invalid; lets attention skip masks
+        self.has_padding = False  # True once any slot below the cursor is invalid (or hidden from some layer);
+        # while False, attention skips masks
+        self.layer_valid: torch.Tensor | None = None  # (L, B, S) per-layer key validity, None: every layer sees all
         self.versions: list[LayerVersions | None] = [None] * batch
 
     def reset(self) -> None:
@@ -47,6 +53,7 @@ class KVCache:
         self.slot.zero_()
         self.length = 0
         self.has_padding = False
+        self.layer_valid = None
         self.versions = [None] * self.batch
 
     @property
@@ -92,6 +99,11 @@ class KVCache:
     def key_mask(self, rows: int, end: int) -> torch.Tensor:
         """Validity of keys [0, end) for a forward over `rows` rows (one per group): (rows, end)."""
         return self.key_valid[::self._group(rows), :end]
+
+    def layer_key_mask(self, rows: int, end: int) -> torch.Tensor:
+        """Per-layer validity of keys [0, end) for a forward over `rows` rows (one per group): (L, rows, end).
+        Only when `layer_valid` exists."""
+        return self.layer_valid[:, ::self._group(rows), :end]
 
     def reserve(self, rows: int, steps: int, valid: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
@@ -144,9 +156,13 @@ class KVCache:
             raise GenerationError(f"cache overflow: no slot left after {self.length} of {self.capacity}")
         self.slot.fill_(self.length)
 
-    def load(self, rows: slice, start: int, kv: torch.Tensor, next_position: int) -> None:
+    def load(self, rows: slice, start: int, kv: torch.Tensor, next_position: int,
+             layer_valid: torch.Tensor | None = None) -> None:
         """Copy K/V (L, 2, H, m, D) into `rows` at slots [start, start+m); the slots become valid keys and the
-        rows' next position is `next_position` (the K/V keeps the positions it was computed at)."""
+        rows' next position is `next_position` (the K/V keeps the positions it was computed at).
+
+        `layer_valid` (L, m) bool hides loaded slots from single layers: the cache's `layer_valid` is then
+        allocated (all True) if it was None, and the steps built on it carry explicit per-layer masks."""
         tokens = kv.shape[3]
         if start + tokens > self.capacity:
             raise GenerationError(f"cache overflow: loading {tokens} tokens at slot {start} into capacity "
@@ -154,6 +170,13 @@ class KVCache:
         self.storage[:, :, rows, :, start:start + tokens] = kv[:, :, None].to(self.storage.dtype)
         self.key_valid[rows, start:start + tokens] = True
         self.next_position[rows] = next_position
+        if layer_valid is not None and self.layer_valid is None:
+            self.layer_valid = torch.ones(self.config.num_layers, self.batch, self.capacity, dtype=torch.bool,
+                                          device=self.key_valid.device)  # (L, B, S)
+            self.has_padding = True  # explicit boolean masks from now on
+        if self.layer_valid is not None:
+            seen = True if layer_valid is None else layer_valid[:, None].to(self.key_valid.device)  # (L, 1, m)
+            self.layer_valid[:, rows, start:start + tokens] = seen
 
     def skip_to(self, slot: int) -> None:
         """Move the cursor to `slot` after K/V was loaded below it (unfilled slots stay invalid keys)."""

@@ -348,7 +348,8 @@ class Engine:
         up to `max_batch_size` rows (prompts x n); each prompt is prefilled once per batch and its K/V shared
         by its candidates. Cached prefixes (across calls, and shared within the batch) are reused unless
         `use_prefix_cache` is False. `past` (one PastKV per prompt) puts given K/V before each prompt (a
-        received cache), the prompt starting at its next position; the prefix cache is then not used.
+        received cache), the prompt starting at its next position; the prefix cache is then not used. A past
+        with `layer_valid` (some tokens hidden from some layers) decodes without CUDA graphs.
         Returns outputs in prompt order with a stage timing breakdown.
         """
         requests = self._requests(prompts, n, sampling)
@@ -483,7 +484,9 @@ class Engine:
                                     lambda batch, capacity: self._workspace(batch, capacity, timer), versions,
                                     self.prefix_cache if use_cache else None, pasts)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
-        graph = self._graphs.get(self._graph_key(cache)) if self._graphs_on() else None
+        # the captured graph runs masks without per-layer validity: a past seen by some layers only decodes eagerly
+        eager = not self._graphs_on() or cache.layer_valid is not None
+        graph = None if eager else self._graphs.get(self._graph_key(cache))
         if graph is not None:
             cache.sync_slot()
         for step in range(max_new):

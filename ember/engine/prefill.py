@@ -35,7 +35,8 @@ def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pa
     more tokens. Returns the cache and last-token logits (len(prompts), V).
 
     `pasts` (one per prompt, or None) places given K/V before each prompt in the reused-prefix slots, the
-    prompt continuing at the past's next position; the prefix cache is not used then."""
+    prompt continuing at the past's next position (a past's `layer_valid` hides its tokens from single layers);
+    the prefix cache is not used then."""
     if pasts is not None:
         if len(pasts) != len(prompts):
             raise GenerationError(f"pasts: expected one per prompt ({len(prompts)}), found {len(pasts)}")
@@ -57,7 +58,8 @@ def _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions,
         for index, match in enumerate(matches):
             rows = slice(index * group, (index + 1) * group)
             if pasts is not None:
-                cache.load(rows, head - heads[index], pasts[index].kv, pasts[index].next_position)
+                past = pasts[index]
+                cache.load(rows, head - heads[index], past.kv, past.next_position, past.layer_valid)
             elif pasts is None and match.tokens:
                 cache.load(rows, head - match.tokens, PrefixCache.gather(match), match.tokens)
         if head:

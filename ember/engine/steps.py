@@ -2,6 +2,8 @@
 
 It claims cache slots, derives rotary positions from each row's next position, and picks the cheapest
 correct attention mask (none, causal, lower-right causal after cached slots, or an explicit boolean mask).
+A cache with per-layer key validity (`KVCache.layer_valid`) always gets explicit masks, plus the per-layer
+`layer_mask` the decoder ANDs into them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def append_step(cache: KVCache, rows: int, steps: int, valid: torch.Tensor | Non
     """
     start, positions = cache.reserve(rows, steps, valid, positions)
     mask, causal = attention_mask(cache, rows, start, steps)
+    if cache.layer_valid is not None:
+        kwargs["layer_mask"] = cache.layer_key_mask(rows, start + steps)[:, :, None, None, :]  # (L, b, 1, 1, S')
     return Step(positions=positions, kv=cache, slots=start, mask=mask, causal=causal, **kwargs)
 
 
@@ -30,6 +34,8 @@ def static_step(cache: KVCache, **kwargs) -> Step:
     in a CUDA graph). After running it, call `cache.advance_static()` and advance `cache.length` by one."""
     positions = cache.reserve_static()  # (B, 1)
     mask = cache.key_valid[:, None, None, :]  # (B, 1, 1, S)
+    if cache.layer_valid is not None:
+        kwargs["layer_mask"] = cache.layer_valid[:, :, None, None, :]  # (L, B, 1, 1, S)
     return Step(positions=positions, kv=cache, slots=cache.slot, mask=mask, causal=False, **kwargs)
 
 
@@ -37,11 +43,12 @@ def attention_mask(cache: KVCache, rows: int, start: int, steps: int):
     """Mask for queries at slots [start, start+T) over keys [0, start+T): (mask | None, is_causal).
 
     Without padding, causal attention needs no explicit mask (fast kernels): none for one query, `is_causal`
-    from slot 0, a lower-right causal bias after cached slots. With padding, a query may see valid
-    keys at or before its slot; it always sees itself so a padding query never has an empty row.
+    from slot 0, a lower-right causal bias after cached slots. With padding (or per-layer key validity, whose
+    layer masks need a boolean mask to AND into), a query may see valid keys at or before its slot; it always
+    sees itself so a padding query never has an empty row.
     """
     end = start + steps
-    if not cache.has_padding:
+    if not cache.has_padding and cache.layer_valid is None:
         if steps == 1:
             return None, False
         if start == 0:

@@ -15,7 +15,7 @@ P ?=
 REUSE ?=
 STALE ?=
 STRICT ?=
-FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1
+FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1 tab3
 TEST_OUT := $(CURDIR)/.test-out
 
 .PHONY: setup all test bench lab clean help targets models stamp paper $(FIGURES)

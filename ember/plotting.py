@@ -197,8 +197,8 @@ def regime_map(table, why, title: str):
     """fig8: left, the regime map: one row per (pair, task, context bucket), one column per cap, colored by
     the best cache method's accuracy minus the best text baseline's (points; blue: cache ahead, red: text
     ahead), a star where the 95% interval excludes zero. Right, why, for the first row: what the cache's bytes
-    are made of (share per section) with the fraction of context tokens kept, and the end-to-end latency of
-    cache and text per cap."""
+    are made of (share per section) with the fraction of context tokens kept and of layers holding half the
+    bytes, and the end-to-end latency of cache and text per cap."""
     import numpy as np
 
     sns.set_theme(style="white", context="paper")
@@ -244,6 +244,9 @@ def regime_map(table, why, title: str):
         bottom += share
     ax_bytes.plot(labels, 100 * first["tokens_kept"], color="black", marker="o", markersize=3,
                   label="tokens kept")
+    if "layers_for_half" in first:
+        ax_bytes.plot(labels, 100 * first["layers_for_half"], color="dimgray", marker="^", markersize=3,
+                      linestyle=":", label="layers holding half the bytes")
     ax_bytes.set_ylim(0, 105)
     ax_bytes.set_ylabel("% of the cache's bytes; tokens kept")
     ax_bytes.tick_params(axis="x", rotation=45)
@@ -259,4 +262,35 @@ def regime_map(table, why, title: str):
     ax_time.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     ax_time.set_title("latency", fontsize=9)
     fig.suptitle(title, y=1.02)
+    return fig
+
+
+def equal_bytes(table, title: str):
+    """tab3 at a glance: one panel per (pair, task, context bucket), accuracy (with 95% intervals) against the
+    per-sample cap for ember's best cache method, the best text baseline and the two layer-wise baselines."""
+    import numpy as np
+
+    sns.set_theme(style="whitegrid", context="paper")
+    sides = (("cache", "ember cache (best)", "o"), ("text", "text (best)", "s"), ("kvcomm", "KVComm-like", "^"),
+             ("qkvcomm", "Q-KVComm-like", "D"))
+    panels = list(table.groupby(["pair", "task", "context_len_bucket"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, ((pair, task, bucket), part) in zip(axes[0], panels):
+        part = part.assign(order=part["cap"].fillna(float("inf"))).sort_values("order")
+        x = np.arange(len(part))
+        for (side, label, marker), color in zip(sides, sns.color_palette("deep", len(sides))):
+            if f"{side}_accuracy" not in part:
+                continue
+            acc = 100 * part[f"{side}_accuracy"].to_numpy(float)
+            err = np.vstack([acc - 100 * part[f"{side}_ci_low"].to_numpy(float),
+                             100 * part[f"{side}_ci_high"].to_numpy(float) - acc])
+            ax.errorbar(x, acc, yerr=err, marker=marker, markersize=4, capsize=2, color=color, label=label)
+        ax.set_xticks(x, [_bytes_label(None if c == float("inf") else c) for c in part["order"]], rotation=45,
+                      ha="right")
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("per-sample byte cap")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{pair} / {task} / {int(bucket)} tok", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, y=1.03)
     return fig

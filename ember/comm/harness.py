@@ -4,7 +4,8 @@ at the same per-sample byte caps, and each row logs the cap, the bytes actually 
 Methods (spelled as in params): `alone` (the receiver without the context), `context` (the receiver reading
 the context itself: the ceiling), `text:raw` (the context cut to the cap), `text:hint` (the sharer's
 one-sentence hint cut to the cap), and `kv:<selection>:<precision>` / `rd:<selection>:<p1>+<p2>` (K/V
-selected, or allocated over several precisions, under the cap). Cap-free methods run once per item.
+selected, or allocated over several precisions, under the cap), and the layer-wise baselines
+`kvcomm:<precision>` / `qkvcomm:<selection>` (ember.comm.layer_baselines). Cap-free methods run once per item.
 Across models whose caches differ in shape, K/V goes through a trained projector (ember.comm.projector) on
 the receiver's side: the wire carries the sharer's K/V, the bytes are the sharer's.
 """
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.comm.items import CommItem
+from ember.comm.layer_baselines import LAYER_METHODS, KVCommMethod, QKVCommMethod
 from ember.comm.prompt import PromptParts, prompt_parts
 from ember.comm.text import truncate_utf8
 from ember.comm.messages import SharerSide, cache_shape
@@ -26,18 +28,24 @@ from ember.engine import SamplingParams
 from ember.errors import CommError
 
 CAP_FREE = ("alone", "context")
+LAYER_TYPES = (KVCommMethod, QKVCommMethod)
 TEXT_METHODS = ("text:raw", "text:hint")
 
 
-def parse_method(spec: str) -> str | KVMethod:
-    """A method name from params: one of CAP_FREE or TEXT_METHODS, or a KVMethod for kv:/rd: specs."""
+def parse_method(spec: str) -> str | KVMethod | KVCommMethod | QKVCommMethod:
+    """A method name from params: one of CAP_FREE or TEXT_METHODS, a KVMethod for kv:/rd: specs, or a
+    layer-wise baseline for kvcomm:<precision> / qkvcomm:<selection> (ember.comm.layer_baselines)."""
     if spec in CAP_FREE or spec in TEXT_METHODS:
         return spec
     kind, _, rest = spec.partition(":")
+    if kind in LAYER_METHODS:
+        if not rest or ":" in rest:
+            raise CommError(f"method {spec!r}: expected '{kind}:<{'precision' if kind == 'kvcomm' else 'selection'}>'")
+        return LAYER_METHODS[kind](rest)
     selection, _, precisions = rest.partition(":")
     if kind not in ("kv", "rd") or not selection or not precisions:
-        raise CommError(f"method: expected one of {CAP_FREE + TEXT_METHODS}, 'kv:<selection>:<precision>' or "
-                        f"'rd:<selection>:<p1>+<p2>', found {spec!r}")
+        raise CommError(f"method: expected one of {CAP_FREE + TEXT_METHODS}, 'kv:<selection>:<precision>', "
+                        f"'rd:<selection>:<p1>+<p2>', 'kvcomm:<precision>' or 'qkvcomm:<selection>', found {spec!r}")
     method = KVMethod(selection, tuple(precisions.split("+")))
     if (kind == "kv") != (len(method.precisions) == 1):
         raise CommError(f"method {spec!r}: 'kv' takes one precision and 'rd' several")
@@ -57,14 +65,17 @@ class Sample:
 class Harness:
     """Runs methods at caps over items for one (receiver, sharer) pair (with a projector when their caches
     differ in shape). The sharer's messages come from `messages` (ember.comm.messages: a StoredMessages folder
-    in a sequential run, where `sharer` may be None), by default computed live with the sharer engine."""
+    in a sequential run, where `sharer` may be None), by default computed live with the sharer engine
+    (`calibration`: the items that rank layers for kvcomm: methods)."""
 
     def __init__(self, receiver, sharer, items: list[CommItem], max_tokens: int = 16, hint_max_tokens: int = 64,
-                 seed: int = 0, progress: bool | None = None, projector=None, messages=None):
+                 seed: int = 0, progress: bool | None = None, projector=None, messages=None,
+                 calibration: list[CommItem] = ()):
         if receiver.tokenizer is None:
             raise CommError("harness: the receiver needs a tokenizer")
         self.receiver = receiver
-        self.messages = messages if messages is not None else SharerSide(sharer, projector, seed, hint_max_tokens)
+        self.messages = messages if messages is not None else SharerSide(sharer, projector, seed, hint_max_tokens,
+                                                                          calibration)
         self.max_tokens, self.seed = max_tokens, seed
         self.progress = progress
         self.projector = projector
@@ -72,8 +83,11 @@ class Harness:
         self._head_kv = {}
 
     # ---- what the sharer sends -----------------------------------------------------------------------
-    def _check_kv_pair(self) -> None:
+    def _check_kv_pair(self, layer_wise: bool = False) -> None:
         mine, theirs = cache_shape(self.receiver), tuple(self.messages.cache_shape)
+        if layer_wise and mine != theirs:
+            raise CommError(f"kvcomm:/qkvcomm: methods are same-model context transfers: expected the sharer's cache "
+                            f"shape {mine}, found {theirs}")
         if self.projector is not None:
             made = (tuple(self.projector.receiver_shape), tuple(self.projector.sharer_shape))
             if made != (mine, theirs):
@@ -102,8 +116,8 @@ class Harness:
     def run(self, methods: list[str], caps: list[int | None]) -> list[dict]:
         """Rows for every (method, cap, item); cap None is full transfer (no cap)."""
         parsed = [(spec, parse_method(spec)) for spec in methods]
-        if any(isinstance(m, KVMethod) for _, m in parsed):
-            self._check_kv_pair()
+        if any(not isinstance(m, str) for _, m in parsed):
+            self._check_kv_pair(any(isinstance(m, LAYER_TYPES) for _, m in parsed))
         if any(m == "text:hint" for _, m in parsed):
             self._hints()
         cells = [(spec, m, None) for spec, m in parsed if m in CAP_FREE]
@@ -170,9 +184,9 @@ class Harness:
                                               self.receiver.dtype, self.projector, sent.sharer_head)
         row.update(bytes=encoded.nbytes, tokens_sent=encoded.tokens_sent, sharer_ms=sent.sharer_ms,
                    select_ms=encoded.select_ms, encode_ms=encoded.encode_ms, decode_ms=decode_ms,
-                   project_ms=project_ms,
+                   project_ms=project_ms, layer_bytes=" ".join(map(str, encoded.layer_bytes)),
                    **{f"bytes_{k}": v for k, v in encoded.breakdown.items()},
-                   **{f"tokens_{p}": encoded.groups.count(p) for p in method.precisions})
+                   **{f"tokens_{p}": encoded.groups.count(p) for p in method.precisions}, **encoded.extra)
         return parts.tail, past
 
 
@@ -184,7 +198,7 @@ def sharer_pass(messages, items: list[CommItem], receiver_tokenizer, methods: li
     parsed = [parse_method(spec) for spec in methods]
     if "text:hint" in parsed:
         messages.hints(items)
-    for method in (m for m in parsed if isinstance(m, KVMethod)):
+    for method in (m for m in parsed if not isinstance(m, str)):
         for cap in caps:
             for item in items:
                 head = prompt_parts(receiver_tokenizer, item.context, item.question).head

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ember.comm.items import CommItem
+from ember.comm.layer_baselines import KVCommMethod, QKVCommMethod, attention_mass, encode_kvcomm, encode_qkvcomm
+from ember.comm.layer_baselines import layer_scores
 from ember.comm.prompt import prompt_parts
 from ember.comm.text import write_hints
 from ember.comm.transfer import Encoded, KVMethod, encode_context, sharer_context_kv
@@ -50,14 +52,18 @@ def cache_shape(engine) -> tuple[int, int, int]:
 
 class SharerSide:
     """Messages computed with the sharer engine; K/V of an item is prefilled once and reused across methods
-    and caps. `projector` (receiver-side module) feeds proj_vnorm scoring, computed on the sharer's side."""
+    and caps. `projector` (receiver-side module) feeds proj_vnorm scoring, computed on the sharer's side.
+    `calibration` items (never evaluated ones) rank the layers of the KVComm-like method, once."""
 
-    def __init__(self, sharer, projector=None, seed: int = 0, hint_max_tokens: int = 64):
+    def __init__(self, sharer, projector=None, seed: int = 0, hint_max_tokens: int = 64,
+                 calibration: list[CommItem] = ()):
         if sharer is None or sharer.tokenizer is None:
             raise CommError("sharer: expected an engine with a tokenizer, found none")
         self.sharer, self.projector, self.seed, self.hint_max_tokens = sharer, projector, seed, hint_max_tokens
+        self.calibration = list(calibration)
         self.cache_shape = cache_shape(sharer)
         self._kv: dict[str, tuple[torch.Tensor, int, float]] = {}
+        self._layer_scores = None
 
     def _context_kv(self, item: CommItem) -> tuple[torch.Tensor, int, float]:
         """The sharer's K/V (L, 2, H, c, D) of the item's context, its template head length and prefill ms."""
@@ -68,13 +74,28 @@ class SharerSide:
             self._kv[item.item_id] = (kv, len(parts.head), 1e3 * (time.perf_counter() - began))
         return self._kv[item.item_id]
 
-    def encode(self, item: CommItem, method: KVMethod, cap: int | None, receiver_head: int) -> Sent:
+    def encode(self, item: CommItem, method: KVMethod | KVCommMethod | QKVCommMethod, cap: int | None,
+               receiver_head: int) -> Sent:
         """The item's context K/V selected / allocated under `cap` and packed (`receiver_head`: the length of
         the receiver's template head, where proj_vnorm places the projected tokens)."""
         kv, head, prefill_ms = self._context_kv(item)
-        encoded = encode_context(kv, method, cap, seed=self.seed,
-                                 **self._score_inputs(method, kv, head, receiver_head))
+        if isinstance(method, KVCommMethod):
+            encoded = encode_kvcomm(kv, method, cap, self.layer_scores())
+        elif isinstance(method, QKVCommMethod):
+            encoded = encode_qkvcomm(kv, method, cap, self.seed)
+        else:
+            encoded = encode_context(kv, method, cap, seed=self.seed,
+                                     **self._score_inputs(method, kv, head, receiver_head))
         return Sent(encoded, prefill_ms, head, kv.shape[3])
+
+    def layer_scores(self):
+        """The KVComm-like layer ranking (L,), from the calibration items' attention mass (computed once)."""
+        if self._layer_scores is None:
+            if not self.calibration:
+                raise CommError("kvcomm: expected calibration items to rank the layers, found none (pass "
+                                "SharerSide(calibration=...))")
+            self._layer_scores = layer_scores(attention_mass(self.sharer, self.calibration))
+        return self._layer_scores
 
     def _score_inputs(self, method: KVMethod, kv: torch.Tensor, head: int, receiver_head: int) -> dict:
         """proj_vnorm's input: the sharer's V projected into the receiver's space (L_r, H_r, c, D_r)."""
@@ -119,11 +140,12 @@ class StoredMessages:
                             f"pass first")
         self.cache_shape = tuple(json.loads(info_path.read_text())["cache_shape"])
 
-    def blob_path(self, item: CommItem, method: KVMethod, cap: int | None) -> Path:
+    def blob_path(self, item: CommItem, method: KVMethod | KVCommMethod | QKVCommMethod, cap: int | None) -> Path:
         """The stable file name of one message."""
         return self.folder / _safe(item.item_id) / f"{_safe(method.name)}@{'full' if cap is None else cap}.kvw"
 
-    def encode(self, item: CommItem, method: KVMethod, cap: int | None, receiver_head: int) -> Sent:
+    def encode(self, item: CommItem, method: KVMethod | KVCommMethod | QKVCommMethod, cap: int | None,
+               receiver_head: int) -> Sent:
         path = self.blob_path(item, method, cap)
         sidecar = path.with_suffix(".json")
         if sidecar.exists():
@@ -134,8 +156,8 @@ class StoredMessages:
         meta = {"nbytes": sent.encoded.nbytes, "groups": "".join(GROUP_CODES[g] for g in sent.encoded.groups),
                 "breakdown": sent.encoded.breakdown, "select_ms": sent.encoded.select_ms,
                 "encode_ms": sent.encoded.encode_ms, "sharer_ms": sent.sharer_ms, "sharer_head": sent.sharer_head,
-                "context_tokens": sent.context_tokens,
-                "sha256": hashlib.sha256(sent.encoded.blob or b"").hexdigest()}
+                "context_tokens": sent.context_tokens, "layer_bytes": sent.encoded.layer_bytes,
+                "extra": sent.encoded.extra, "sha256": hashlib.sha256(sent.encoded.blob or b"").hexdigest()}
         if sent.encoded.blob is not None:
             atomic_write(path, sent.encoded.blob)
         atomic_write(sidecar, json.dumps(meta) + "\n")  # last: a sidecar means the message is complete
@@ -149,7 +171,8 @@ class StoredMessages:
             raise CommError(f"{path}: expected the blob its sidecar describes ({meta['nbytes']} bytes, sha256 "
                             f"{meta['sha256'][:12]}), found {len(blob or b'')} bytes, sha256 {found[:12]}")
         groups = [GROUP_NAMES[c] for c in meta["groups"]]
-        encoded = Encoded(blob, meta["nbytes"], groups, meta["breakdown"], meta["select_ms"], meta["encode_ms"])
+        encoded = Encoded(blob, meta["nbytes"], groups, meta["breakdown"], meta["select_ms"], meta["encode_ms"],
+                          meta["layer_bytes"], meta["extra"])
         return Sent(encoded, meta["sharer_ms"], meta["sharer_head"], meta["context_tokens"])
 
     def hints(self, items: list[CommItem]) -> dict[str, tuple[str, float]]:

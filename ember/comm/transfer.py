@@ -16,7 +16,8 @@ from ember.engine.past import PastKV
 from ember.errors import CommError
 from ember.kv.allocate import LADDER, allocate, payload_for
 from ember.kv.select import SELECTION_MODES, token_scores
-from ember.kv.wire import WireConfig, inspect, pack, unpack
+from ember.kv.layered import assemble, is_layered, unpack_groups
+from ember.kv.wire import WireConfig, inspect, layer_bytes, pack, unpack
 
 UNLIMITED = 1 << 62  # the cap of a full transfer
 
@@ -48,8 +49,10 @@ class KVMethod:
 
 @dataclass
 class Encoded:
-    """What a sharer sends for one sample: the blob (None when nothing fits), its size and breakdown, the
-    tokens kept per precision, and the select / encode times (ms)."""
+    """What a sharer sends for one sample: the blob (None when nothing fits), its size and breakdown, each
+    context token's precision (`groups`; 'drop' when not sent; a layer-wise method gives a token's lowest),
+    the select / encode times (ms), the payload + scale bytes of each layer, and method-specific counts
+    (`extra`, e.g. the layers a layer-wise method sent whole)."""
 
     blob: bytes | None
     nbytes: int
@@ -57,6 +60,8 @@ class Encoded:
     breakdown: dict = field(default_factory=dict)
     select_ms: float = 0.0
     encode_ms: float = 0.0
+    layer_bytes: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_sent(self) -> int:
@@ -91,7 +96,7 @@ def encode_context(kv: torch.Tensor, method: KVMethod, cap: int | None, seed: in
     if len(blob) != allocation.nbytes or len(blob) > limit:
         raise CommError(f"KVWire blob: expected {allocation.nbytes} bytes within the cap {cap}, found {len(blob)}")
     return Encoded(blob, len(blob), allocation.groups, inspect(blob).breakdown, 1e3 * (selected - began),
-                   1e3 * (packed - selected))
+                   1e3 * (packed - selected), layer_bytes(payload, method.wire_config(scheme)))
 
 
 def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device, dtype, projector=None,
@@ -99,10 +104,20 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
     """The receiver's past: its own head K/V (L, 2, H, h, D) then the decoded context tokens, the question
     starting after the whole context; the decode and projection times (ms). No blob: the head alone.
     A `projector` (ember.comm.projector) maps the decoded sharer K/V into the receiver's space, the keys
-    re-rotated from sharer position `sharer_head` + i to receiver position h + i of context token i."""
+    re-rotated from sharer position `sharer_head` + i to receiver position h + i of context token i.
+    A layer-group message (ember.kv.layered) gives each layer only its own tokens (the past's layer mask)."""
     began = decoded = time.perf_counter()
-    parts = [head_kv]
-    if blob is not None:
+    parts, visible = [head_kv], None
+    if blob is not None and is_layered(blob):
+        if projector is not None:
+            raise CommError("layer-group messages are same-model transfers; this pair goes through a projector")
+        layers, groups = unpack_groups(blob, device=device)
+        kv, _, seen = assemble(layers, groups)  # (L, 2, H, m, D), (L, m)
+        decoded = time.perf_counter()
+        parts.append(kv.to(dtype))
+        heads_seen = torch.ones(layers, head_kv.shape[3], dtype=torch.bool)
+        visible = torch.cat([heads_seen, seen], dim=1).to(device)  # (L, h + m)
+    elif blob is not None:
         payload = unpack(blob, device=device)
         kv = torch.stack([payload.k, payload.v], dim=1)  # (L, 2, H, m, D)
         decoded = time.perf_counter()
@@ -111,6 +126,6 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
             with torch.no_grad():
                 kv = projector(kv[:, :, None], sharer_head + positions, head_kv.shape[3] + positions)[:, :, 0]
         parts.append(kv.to(dtype))
-    past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len)
+    past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len, layer_valid=visible)
     ended = time.perf_counter()
     return past, 1e3 * (decoded - began), 1e3 * (ended - decoded)

@@ -10,6 +10,7 @@ EXPERIMENTS = {
     "prefill_share": "ember.experiments.prefill_share",
     "budget_curves": "ember.experiments.budget_curves",
     "cumulative_cost": "ember.experiments.cumulative_cost",
+    "equal_bytes": "ember.experiments.equal_bytes",
     "prefix_savings": "ember.experiments.prefix_savings",
     "regime_map": "ember.experiments.regime_map",
     "stale_kv": "ember.experiments.stale_kv",

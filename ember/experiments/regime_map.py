@@ -47,6 +47,8 @@ from ember.params import RunParams, param
 from ember.report import macro_name, report_dir
 
 CACHE_FAMILIES = ("kv", "rd")
+BASELINE_FAMILIES = ("kvcomm", "qkvcomm")  # the layer-wise published baselines (ember.comm.layer_baselines)
+CALIBRATION_SEED = 1_000_000  # calibration items' seeds start here, far from every evaluated shard's
 GROUP = ("pair", "task", "context_len_bucket", "shard")
 # Params the cells' names carry, or that only analyse or schedule: left out of the run's key.
 PER_CELL = ("pairs", "sharers", "projectors", "tasks", "buckets", "caps", "full", "methods", "stability_shards",
@@ -69,6 +71,7 @@ class Params(RunParams):
     facts: int = param(4, low=1, high=30)
     max_tokens: int = param(8, low=1)
     hint_max_tokens: int = param(48, low=1)
+    calibration_items: int = param(4, low=1)  # items (never evaluated) that rank layers for kvcomm: methods
     batch_size: int = param(16, low=1)
     target_accuracy: float = param(0.5, low=0.0, high=1.0)  # "bytes to reach" this accuracy
     bootstrap: int = param(1000, low=10)  # resamples of the paired accuracy difference
@@ -92,16 +95,20 @@ class Params(RunParams):
                 parse_method(spec)
             except CommError as error:
                 raise ParamsError(f"Params.methods: {error}") from None
-        families = {_family(m) for m in self.methods}
+        families = {family(m) for m in self.methods}
         if not families & {"cache"} or not families & {"text"}:
             raise ParamsError(f"Params.methods: the regime map compares cache with text; expected at least one "
                               f"kv:/rd: method and one of {TEXT_METHODS}, found {list(self.methods)}")
 
 
-def _family(method: str) -> str:
-    """'cache' (kv:/rd:), 'text' (text baselines) or the cap-free method's own name."""
-    if method.split(":")[0] in CACHE_FAMILIES:
+def family(method: str) -> str:
+    """'cache' (kv:/rd:), 'text' (text baselines), 'kvcomm' / 'qkvcomm' (the layer-wise baselines) or the
+    cap-free method's own name."""
+    kind = method.split(":")[0]
+    if kind in CACHE_FAMILIES:
         return "cache"
+    if kind in BASELINE_FAMILIES:
+        return kind
     return "text" if method in TEXT_METHODS else method
 
 
@@ -266,6 +273,20 @@ def _items(params: Params, group: tuple, tokenizer):
                       params.facts)
 
 
+def _calibration(params: Params, group: tuple, tokenizer, methods, evaluated: list) -> list:
+    """The items that rank layers for kvcomm: methods (none when no such method runs), seeded apart from
+    every evaluated shard and checked disjoint from `evaluated` items."""
+    if not any(family(m) == "kvcomm" for m in methods):
+        return []
+    _, task, bucket, _ = group
+    items = [x.item for x in long_items(task, params.calibration_items, params.seed + CALIBRATION_SEED, bucket,
+                                        _token_counter(tokenizer), params.facts)]
+    shared = sorted({i.item_id for i in items} & {i.item_id for i in evaluated})
+    if shared:
+        raise CommError(f"calibration items: expected none among the evaluated items, found {shared[:3]}")
+    return items
+
+
 def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_key: str) -> None:
     """Every message a group's missing cells need, computed by its pair's sharer and saved; the sharer is
     then unloaded (and the receiver before it, so the two are never loaded together)."""
@@ -274,9 +295,10 @@ def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_k
     projector = pairs.projector(group[0], sharer.device)
     receiver_tokenizer = pairs.receiver_tokenizer()
     items = [x.item for x in _items(params, group, receiver_tokenizer)]
-    stored = StoredMessages(_blob_folder(params, group, run_key),
-                            SharerSide(sharer, projector, params.seed, params.hint_max_tokens))
     methods = sorted({m for _, m, _ in cells if m not in CAP_FREE + ("text:raw",)})
+    calibration = _calibration(params, group, receiver_tokenizer, methods, items)
+    stored = StoredMessages(_blob_folder(params, group, run_key),
+                            SharerSide(sharer, projector, params.seed, params.hint_max_tokens, calibration))
     caps = sorted({c for _, m, c in cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
     sharer_pass(stored, items, receiver_tokenizer, methods, caps)
     stored.release()
@@ -299,8 +321,10 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
             harness = Harness(receiver, None, [x.item for x in items], params.max_tokens, params.hint_max_tokens,
                               params.seed, False, projector=projector, messages=messages)
         else:
+            calibration = _calibration(params, group, receiver.tokenizer, params.methods, [x.item for x in items])
             harness = Harness(receiver, pairs.live_sharer(index), [x.item for x in items], params.max_tokens,
-                              params.hint_max_tokens, params.seed, False, projector=projector)
+                              params.hint_max_tokens, params.seed, False, projector=projector,
+                              calibration=calibration)
         contexts.update(harness=harness, fact_position={x.item.item_id: x.fact_position for x in items})
     harness, fact_position = contexts["harness"], contexts["fact_position"]
     df = pd.DataFrame(harness.run([method], [cap]))
@@ -312,7 +336,7 @@ def _compute(params: Params, pairs: _Pairs, group: tuple, method: str, cap: int 
 
 # ---- analysis ------------------------------------------------------------------------------------------
 
-def _best(part: pd.DataFrame) -> tuple[pd.Series, str]:
+def best_of(part: pd.DataFrame) -> tuple[pd.Series, str]:
     """The best method of a family at one cell: highest accuracy, ties to fewer mean bytes, then lower mean
     end-to-end latency, then the method's name (so equal measurements never pick by accident); and which rule
     decided."""
@@ -355,11 +379,11 @@ def regime_table(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     summary = summarize(df, by=GROUP)
     rows = []
     for key, part in summary.groupby([*GROUP, "cap"], dropna=False, sort=True):
-        family = part["method"].map(_family)
-        cache, text = part[family == "cache"], part[family == "text"]
+        families = part["method"].map(family)
+        cache, text = part[families == "cache"], part[families == "text"]
         if cache.empty or text.empty:
             continue
-        (best_cache, cache_rule), (best_text, text_rule) = _best(cache), _best(text)
+        (best_cache, cache_rule), (best_text, text_rule) = best_of(cache), best_of(text)
         cell = df[(df[list(GROUP)] == pd.Series(dict(zip(GROUP, key[:4])))).all(axis=1)]
         cap = key[4]
         at_cap = cell[cell["cap"].isna()] if pd.isna(cap) else cell[cell["cap"] == cap]
@@ -420,7 +444,7 @@ def flips(table: pd.DataFrame, df: pd.DataFrame, params: Params) -> pd.DataFrame
         mine = summary[(summary["pair"] == key[0]) & (summary["task"] == key[1])
                        & (summary["context_len_bucket"] == key[2])]
         for side in ("cache", "text"):
-            ok = mine[(mine["method"].map(_family) == side) & (mine["accuracy"] >= params.target_accuracy)]
+            ok = mine[(mine["method"].map(family) == side) & (mine["accuracy"] >= params.target_accuracy)]
             reach[f"{side}_bytes_to_target"] = float(ok["bytes_mean"].min()) if not ok.empty else float("nan")
         wins = capped[capped["winner"] == "cache"]
         ahead = capped[capped["diff_points"] > 0]
@@ -435,8 +459,9 @@ def flips(table: pd.DataFrame, df: pd.DataFrame, params: Params) -> pd.DataFrame
 
 def why(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Per main-shard cell, what the best cache method's bytes are made of (mean header / indices / map /
-    payload / scales / checksum bytes), the fraction of context tokens it kept, and the end-to-end latency
-    of cache and text (the hint's generation counts on the text side)."""
+    payload / scales / checksum bytes), which layers hold them (`layer_dominance`), the fraction of context
+    tokens it kept, and the end-to-end latency of cache and text (the hint's generation counts on the text
+    side)."""
     rows = []
     parts = ("header", "indices", "map", "payload", "scales", "checksum")
     for row in table[table["shard"] == 0].itertuples():
@@ -451,8 +476,22 @@ def why(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         for name in parts:
             column = f"bytes_{name}"
             out[column] = float(cache[column].fillna(0).mean()) if column in cache else 0.0
+        out.update(layer_dominance(cache.get("layer_bytes", pd.Series(dtype=str))))
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def layer_dominance(layer_bytes: pd.Series) -> dict:
+    """Which layers the bytes go to, from rows' `layer_bytes` (per-layer payload + scale bytes, space-separated):
+    the fewest layers holding half of the mean bytes, as a fraction of the layers (0.5 when every layer
+    weighs the same), and the three heaviest layers; NaN / '' when nothing was sent."""
+    sent = [np.array(text.split(), dtype=float) for text in layer_bytes.dropna() if str(text).strip()]
+    if not sent:
+        return {"layers_for_half": float("nan"), "top_layers": ""}
+    mean = np.mean(sent, axis=0)  # (L,)
+    order = np.argsort(-mean, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(mean[order]), mean.sum() / 2) + 1)
+    return {"layers_for_half": needed / len(mean), "top_layers": ",".join(map(str, order[:3]))}
 
 
 def macros(table: pd.DataFrame, flip_table: pd.DataFrame, params: Params) -> dict:

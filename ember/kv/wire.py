@@ -184,6 +184,17 @@ def size_for_counts(config: WireConfig, layers: int, heads: int, head_dim: int, 
     return total
 
 
+def layer_bytes(payload: KVPayload, config: WireConfig) -> list[int]:
+    """Payload + scale bytes each layer of `payload` takes in its blob at `config` (header, indices, maps,
+    tensor-shared scales and checksum excluded): which layers the bytes go to."""
+    layers, heads, tokens, dim = payload.shape
+    out = [0] * layers
+    for layer, code, count in _segments(layers, tokens, config.scheme, payload.token_precision,
+                                        payload.layer_precision):
+        out[layer] += sum(_segment_sizes(config, heads, dim, code, count))
+    return out
+
+
 def _segment_sizes(config: WireConfig, heads: int, head_dim: int, code: int, count: int) -> tuple[int, int]:
     """(payload, scale) bytes of one layer's segment of `count` tokens (tensor-shared scales excluded)."""
     if config.granularity == "tensor":

@@ -37,7 +37,7 @@ class Target:
 # savings, fig7 budget curves, fig8 regime map, tab1 strategies, tab3 head-to-head at equal bytes
 CATALOG = {t.name: t for t in (Target("fig2"), Target("fig3"), Target("fig4"), Target("fig5"), Target("fig6"),
                                Target("fig7"), Target("fig8"), Target("tab1"),
-                               Target("tab3", built=False))}
+                               Target("tab3"))}
 
 
 def target_of(name: str) -> str:
@@ -98,9 +98,15 @@ def _tab1(df, params):
                              strategies.stack_table(df, params))
 
 
+def _tab3(df, params):
+    from ember.experiments import equal_bytes
+
+    return equal_bytes.macros(equal_bytes.head_to_head(df), params)
+
+
 # target -> (df, params) -> macros: what notebooks/<target>_*.ipynb passes to publish(macros=...)
 MACRO_WRITERS = {"fig2": _fig2, "fig3": _fig3, "fig4": _fig4, "fig5": _fig5, "fig6": _fig6, "fig7": _fig7,
-                 "fig8": _fig8, "tab1": _tab1}
+                 "fig8": _fig8, "tab1": _tab1, "tab3": _tab3}
 
 
 def run_params(manifest: dict):

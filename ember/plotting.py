@@ -291,6 +291,6 @@ def equal_bytes(table, title: str):
         ax.set_xlabel("per-sample byte cap")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{pair} / {task} / {int(bucket)} tok", fontsize=9)
-    axes[0][0].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.suptitle(title, y=1.03)
     return fig

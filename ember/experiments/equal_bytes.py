@@ -71,14 +71,14 @@ def head_to_head(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def latex_table(table: pd.DataFrame) -> str:
-    """The head-to-head table as LaTeX: per row the cap and, per side, accuracy (%) and mean bytes."""
+    """The head-to-head table as LaTeX: per row the cap and, per side, accuracy (%) and mean measured bytes."""
     out = pd.DataFrame({"pair": table["pair"], "task": table["task"],
                         "context": table["context_len_bucket"].astype(int),
                         "cap (B)": table["cap"].map(_cap_text)})
     for side in SIDES:
         if f"{side}_accuracy" in table:
-            out[f"{SIDE_NAMES[side]} acc. %"] = (100 * table[f"{side}_accuracy"]).round(0).map(_number)
-            out[f"{SIDE_NAMES[side]} bytes"] = table[f"{side}_bytes"].map(_number)
+            out[f"{SIDE_NAMES[side]} (\\%)"] = (100 * table[f"{side}_accuracy"]).round(0).map(_number)
+            out[f"{SIDE_NAMES[side]} (B)"] = table[f"{side}_bytes"].map(_number)
     escaped = out.apply(lambda column: column.map(lambda v: str(v).replace("_", r"\_")))
     return escaped.to_latex(index=False)
 

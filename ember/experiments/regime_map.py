@@ -208,7 +208,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         if extra:
             df = pd.concat([df, _run_groups(params, store, pairs, extra, progress)], ignore_index=True)
     pairs.drop_receiver()
-    provenance = {**pairs.provenance, "filler": FILLER_VERSION, "run_key": store.run_key}
+    provenance = {**pairs.provenance, "device": device, "filler": FILLER_VERSION, "run_key": store.run_key}
     return df, provenance
 
 

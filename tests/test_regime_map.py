@@ -14,7 +14,7 @@ from ember.comm.long_context import FILLER_VERSION, filler_corpus, long_items, p
 from ember.comm.messages import SharerSide, StoredMessages
 from ember.comm.transfer import KVMethod
 from ember.engine import Engine
-from ember.errors import CommError, ParamsError
+from ember.errors import CommError, ParamsError, ReportError
 from ember.experiments import regime_map
 from ember.models.tokenizer import CharTokenizer
 from ember.params import load_params
@@ -181,6 +181,46 @@ def test_a_crashed_receiver_resumes_from_the_saved_blobs(tmp_path, monkeypatch):
     resumed, _ = regime_map.run(smoke(buckets="[96]", stability_shards=0), progress=False)
     pd.testing.assert_frame_equal(comparable(clean), comparable(resumed))
     assert not list((tmp_path / "crash" / "reports" / "fig8" / "wire_blobs").glob("*/*/*.kvw"))  # done: removed
+
+
+def test_a_time_budget_stops_after_progress_and_the_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
+    grid = dict(buckets="[96]", stability_shards=0, caps="[256]", methods="[alone,text:raw,kv:front:int8]")
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "clean"))
+    clean, _ = regime_map.run(smoke(**grid), progress=False)
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "pieces"))
+    cells = tmp_path / "pieces" / "reports" / "fig8" / "cells"
+    stops = 0
+    while True:
+        try:
+            resumed, _ = regime_map.run(smoke(time_budget_s="0.000000001", **grid), progress=False)
+            break
+        except ReportError as error:
+            stops += 1
+            assert "run again to continue" in str(error) and len(list(cells.glob("*.csv"))) == stops
+    assert stops == len(clean.groupby(["method", "cap"], dropna=False)) - 1  # one cell per piece
+    pd.testing.assert_frame_equal(comparable(clean), comparable(resumed))
+
+
+def test_a_projector_pair_through_the_sweep_sequential_equals_simultaneous(tmp_path, monkeypatch):
+    from ember.comm.data import transfer_training_items
+    from ember.comm.train_fuser import FuserConfig, export_fuser, train_fuser
+
+    receiver = Engine.load("tiny-qwen2", prefix_cache=False, progress=False)
+    sharer = Engine.load("tiny-llama", prefix_cache=False, progress=False)
+    items = transfer_training_items(4, seed=0, extraction_share=0.0, facts=2)
+    run = train_fuser(receiver, sharer, items, FuserConfig(hidden=8, steps=2, batch=2, checkpoint_every=2),
+                      folder=tmp_path / "work", kind="projector", progress=False)
+    folder = export_fuser(run, tmp_path / "projector", {"pair": "other"}, [item.item_id for item in items])
+    grid = dict(pairs="[other]", sharers="[tiny-llama]", projectors=f"[{folder}]", buckets="[96]",
+                stability_shards=0, caps="[512]", methods="[alone,text:raw,kv:proj_vnorm:int8,kv:front:int8]")
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "seq"))
+    sequential, provenance = regime_map.run(smoke(sequential="true", **grid), progress=False)
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "sim"))
+    simultaneous, _ = regime_map.run(smoke(sequential="false", **grid), progress=False)
+    pd.testing.assert_frame_equal(comparable(sequential), comparable(simultaneous))
+    assert provenance["projector:other"]["folder"] == str(folder) and "sharer:other" in provenance
+    projected = sequential[(sequential["method"] == "kv:proj_vnorm:int8") & (sequential["cap"] == 512)]
+    assert len(projected) and (projected["bytes"] <= 512).all() and (projected["project_ms"] >= 0).all()
 
 
 def test_the_closest_call_is_rerun_on_another_shard(tmp_path, monkeypatch):

@@ -45,10 +45,16 @@ class CellStore:
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()
+        self.computed = 0  # cells computed (not loaded) by this run
 
     def out_of_time(self) -> bool:
         """Whether the time budget (if any) is spent."""
         return self.budget > 0 and time.perf_counter() - self.began > self.budget
+
+    def should_stop(self) -> bool:
+        """Whether to stop between cells: the budget is spent and this run computed a cell (so every run of a
+        sweep makes progress however small its budget, and loading stored cells never counts as work)."""
+        return self.computed > 0 and self.out_of_time()
 
     def checkpoint_dir(self, cell: str) -> Path:
         """Where a cell that runs in rounds keeps its checkpoint (so a cell itself can resume mid-way)."""
@@ -79,9 +85,10 @@ class CellStore:
             frame = self.load(cell)
             if frame is None:
                 self.save(cell, compute())
+                self.computed += 1
                 frame = pd.read_csv(self._path(cell))  # as stored: a resumed run reads the same frame
             frames.append(frame)
-            if done + 1 < len(cells) and self.out_of_time():
+            if done + 1 < len(cells) and self.should_stop():
                 raise ReportError(f"{self.target}: {done + 1} of {len(cells)} cells finished within time_budget_s="
                                   f"{self.budget:g}; they are stored in {self.folder}: run again to continue")
         return pd.concat(frames, ignore_index=True)

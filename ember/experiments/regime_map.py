@@ -234,7 +234,7 @@ def _run_groups(params: Params, store: CellStore, pairs: _Pairs, plan: dict, pro
     for group, spec in plan.items():
         cells = _group_cells(params, group, spec)
         missing = set(store.missing([name for name, _, _ in cells]))
-        if missing and store.out_of_time():
+        if missing and store.should_stop():
             raise ReportError(f"{params.target or 'fig8'}: time_budget_s={store.budget:g} spent with cells left; the "
                               f"finished ones are stored in {store.folder}: run again to continue")
         if missing and params.sequential:

@@ -197,8 +197,8 @@ def regime_map(table, why, title: str):
     """fig8: left, the regime map: one row per (pair, task, context bucket), one column per cap, colored by
     the best cache method's accuracy minus the best text baseline's (points; blue: cache ahead, red: text
     ahead), a star where the 95% interval excludes zero. Right, why, for the first row: what the cache's bytes
-    are made of (share per section) with the fraction of context tokens kept and of layers holding half the
-    bytes, and the end-to-end latency of cache and text per cap."""
+    are made of (share per section) with the fraction of context tokens kept, and the end-to-end latency of
+    cache and text per cap."""
     import numpy as np
 
     sns.set_theme(style="white", context="paper")
@@ -244,9 +244,6 @@ def regime_map(table, why, title: str):
         bottom += share
     ax_bytes.plot(labels, 100 * first["tokens_kept"], color="black", marker="o", markersize=3,
                   label="tokens kept")
-    if "layers_for_half" in first:
-        ax_bytes.plot(labels, 100 * first["layers_for_half"], color="dimgray", marker="^", markersize=3,
-                      linestyle=":", label="layers holding half the bytes")
     ax_bytes.set_ylim(0, 105)
     ax_bytes.set_ylabel("% of the cache's bytes; tokens kept")
     ax_bytes.tick_params(axis="x", rotation=45)

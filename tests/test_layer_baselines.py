@@ -3,6 +3,8 @@ Q-KVComm-like encoders against full transfers they must equal, their calibration
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,6 +59,16 @@ def test_layer_groups_round_trip_count_every_byte_and_refuse_damage():
         pack_groups([groups[0], ([2, 3], groups[1][1])], WireConfig("fp16"), 4)
     with pytest.raises(KVWireError, match="ascending"):
         pack_groups([([2, 1], groups[0][1])], WireConfig("fp16"), 4)
+    with pytest.raises(KVWireError, match="context length"):
+        pack_groups([groups[0], (rest, KVPayload(kv[rest, 0], kv[rest, 1], torch.arange(6), 7))], WireConfig("fp16"), 4)
+    for bad, match in ((message[:10], "at least"), (b"KVWX" + message[4:], "magic"),
+                       (message[:-5] + message[-4:], "CRC|fit|blobs")):
+        with pytest.raises(KVWireError, match=match):
+            unpack_groups(bad)
+    remapped = bytearray(message[:-4])
+    remapped[12] = 7  # layer 0 in a group that does not exist
+    with pytest.raises(KVWireError, match="layer map"):
+        unpack_groups(bytes(remapped) + zlib.crc32(bytes(remapped)).to_bytes(4, "little"))
 
 
 def test_layer_bytes_add_up_to_payload_and_scales():
@@ -101,6 +113,10 @@ def test_kvcomm_of_every_layer_equals_a_full_fp16_transfer(tiny):
     layered, _, _ = receive(sent.encoded.blob, head, sent.context_tokens, "cpu", torch.float32)
     reference, _, _ = receive(plain.encoded.blob, head, plain.context_tokens, "cpu", torch.float32)
     assert torch.equal(layered.kv, reference.kv) and layered.layer_valid.all()
+    with pytest.raises(CommError, match="same-model"):
+        receive(sent.encoded.blob, head, sent.context_tokens, "cpu", torch.float32, projector=lambda *a: a)
+    with pytest.raises(CommError, match="layers, KV heads, head dim"):
+        receive(plain.encoded.blob, head[:1], plain.context_tokens, "cpu", torch.float32)
 
 
 def test_kvcomm_receiver_sees_only_the_first_token_in_unselected_layers(tiny):
@@ -122,12 +138,55 @@ def test_kvcomm_receiver_sees_only_the_first_token_in_unselected_layers(tiny):
 
 
 def test_calibration_ranks_layers_from_attention_and_the_prior(tiny):
-    mass = attention_mass(tiny, comm_items("recall", 2, 100, facts=3))
+    items = comm_items("recall", 2, 100, facts=3)
+    mass = attention_mass(tiny, items)
     assert mass.shape == (tiny.model.config.num_layers,) and ((mass >= 0) & (mass <= 1 + 1e-6)).all()
+    assert mass == pytest.approx(np.mean([reference_mass(tiny, item) for item in items], axis=0), abs=1e-5)
     flat = layer_scores(np.full(9, 0.3))
     assert flat.argmax() == 4 and flat[0] == pytest.approx(flat[8])  # the prior alone: the middle layer wins
     with pytest.raises(CommError, match="calibration"):
         SharerSide(tiny).encode(comm_items("recall", 1, 0, facts=3)[0], KVCommMethod("int8"), None, 3)
+
+
+def reference_mass(engine, item) -> np.ndarray:
+    """The attention mass question tokens put on context tokens, from probabilities checked to reproduce each
+    layer's attention output (probs @ V equals o_proj's input): query head h reads KV head h // group."""
+    from ember.comm.prompt import prompt_parts
+    from ember.models.step import causal_step
+
+    parts = prompt_parts(engine.tokenizer, item.context, item.question)
+    ids = torch.tensor([parts.full])
+    seen, outputs = {}, {}
+    model = engine.model
+
+    def keep_kv(layer, k, v):
+        seen[layer] = (k, v)
+        return k, v
+
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda module, args, i=i: outputs.__setitem__(i, args[0])) for i, layer in enumerate(model.model.layers)]
+    queries = {}
+    with torch.no_grad():
+        model.run(causal_step(tuple(ids.shape), kv_hook=keep_kv,
+                              query_hook=lambda layer, q, keys, mask: queries.__setitem__(layer, q)), input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    heads, tokens = model.config.num_heads, ids.shape[1]
+    group = heads // model.config.num_kv_heads
+    start, stop = len(parts.head), len(parts.head) + len(parts.context)
+    out = []
+    for layer in range(model.config.num_layers):
+        k, v = seen[layer]
+        probs = torch.zeros(heads, tokens, tokens)
+        attended = torch.zeros(heads, tokens, v.shape[-1])
+        for h in range(heads):
+            logits = queries[layer][0, h] @ k[0, h // group].T / k.shape[-1] ** 0.5  # (T, T)
+            logits = logits.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
+            probs[h] = logits.softmax(-1)
+            attended[h] = probs[h] @ v[0, h // group]
+        assert torch.allclose(attended.transpose(0, 1).reshape(tokens, -1), outputs[layer][0], atol=1e-5)
+        out.append(float(probs[:, stop:, start:stop].sum(-1).mean()))
+    return np.array(out)
 
 
 # ---- Q-KVComm-like -------------------------------------------------------------------------------------------
@@ -135,10 +194,12 @@ def test_calibration_ranks_layers_from_attention_and_the_prior(tiny):
 def test_qkvcomm_with_room_for_int8_everywhere_equals_int8_full_transfer():
     kv = random_kv()
     rich = encode_qkvcomm(kv, QKVCommMethod("vnorm"), None)
-    assert rich.extra == {"layers_int8": 4}
+    assert rich.extra == {"layers_int8": 4} and rich.groups == ["int8"] * 6
     reference = encode_context(kv, KVMethod("front", ("int8",)), None)
-    a, b = unpack(rich.blob), unpack(reference.blob)
-    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.positions, b.positions)
+    assert rich.blob == reference.blob  # one precision everywhere: no map, the very same bytes
+    mixed = encode_qkvcomm(kv, QKVCommMethod("vnorm"), rich.nbytes - 1)
+    assert 0 < mixed.extra["layers_int8"] < 4 and set(mixed.groups) == {"int4"}  # a token's lowest precision
+    assert unpack(mixed.blob).layer_precision is not None
 
 
 def test_qkvcomm_upgrades_the_most_sensitive_layers_first_and_drops_tokens_last():
@@ -146,9 +207,9 @@ def test_qkvcomm_upgrades_the_most_sensitive_layers_first_and_drops_tokens_last(
     kv[2, :, :, :, 0] *= 50  # layer 2: one outlier channel, int4 loses its small values
     order = np.argsort(-sensitivity(kv), kind="stable")
     assert len(set(sensitivity(kv).round(6))) == 4
-    all_int4 = encode_qkvcomm(kv, QKVCommMethod("vnorm"), None).nbytes
+    full_size = encode_qkvcomm(kv, QKVCommMethod("vnorm"), None).nbytes  # every layer at int8
     upgraded = []
-    for cap in range(all_int4 // 2, all_int4 * 2, all_int4 // 8):
+    for cap in range(full_size // 4, full_size + 1, full_size // 16):
         sent = encode_qkvcomm(kv, QKVCommMethod("vnorm"), cap)
         assert sent.nbytes <= cap
         upgraded.append(sent.extra["layers_int8"])
@@ -205,7 +266,7 @@ def test_tab3_smoke_sweep_table_macros_and_figure(tmp_path, monkeypatch):
     assert "KVComm-like" in latex and "\\begin{tabular}" in latex
     assert "%" not in latex.replace("\\%", "")  # a bare % would comment out the rest of a LaTeX line
     values = equal_bytes.macros(table, params)
-    assert sum(v for k, v in values.items() if k.endswith("Leads")) == len(table)
+    assert sum(v for k, v in values.items() if k.endswith("Leads")) == len(params.caps)  # finite caps
     from ember.plotting import equal_bytes as plot
 
     assert len(plot(table, "smoke").axes) == 1

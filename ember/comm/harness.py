@@ -85,9 +85,10 @@ class Harness:
     # ---- what the sharer sends -----------------------------------------------------------------------
     def _check_kv_pair(self, layer_wise: bool = False) -> None:
         mine, theirs = cache_shape(self.receiver), tuple(self.messages.cache_shape)
-        if layer_wise and mine != theirs:
-            raise CommError(f"kvcomm:/qkvcomm: methods are same-model context transfers: expected the sharer's cache "
-                            f"shape {mine}, found {theirs}")
+        if layer_wise and (mine != theirs or self.projector is not None):
+            raise CommError(f"kvcomm:/qkvcomm: methods are same-model context transfers with no projector: expected "
+                            f"a sharer cache shape equal to the receiver's {mine}, found {theirs}"
+                            f"{' and a projector' if self.projector is not None else ''}")
         if self.projector is not None:
             made = (tuple(self.projector.receiver_shape), tuple(self.projector.sharer_shape))
             if made != (mine, theirs):

@@ -19,7 +19,8 @@ Q-KVComm-like, `qkvcomm:<selection>`: every layer at int4 or int8, the bits chos
 sensitivity. Per message, each layer's sensitivity is the relative squared error of its K/V at int4 minus
 that at int8 (measured on the message's own context K/V). Under a cap, first the most context tokens
 (ranked by `<selection>`, ember.kv.select) that fit with every layer at int4, then layers move to int8 from
-the most sensitive down while the blob still fits: one KVWire v1 blob with a per-layer precision map.
+the most sensitive down while the blob still fits (in the slack one more int4 token did not fit in): one
+KVWire v1 blob with a per-layer precision map (none when every layer has one precision).
 How it differs from the published method: no hybrid text extraction (keywords and entities sent beside the
 cache), no cross-architecture calibration (the pairs here share a model), sensitivity profiled per message
 rather than offline, and tokens are dropped by `<selection>` when even int4 everywhere exceeds the cap (the
@@ -142,8 +143,6 @@ def _group_sizes(config: WireConfig, layers: int, heads: int, dim: int, tokens: 
 
 def encode_kvcomm(kv: torch.Tensor, method: KVCommMethod, cap: int | None, scores: np.ndarray):
     """The context's K/V (L, 2, H, c, D) as whole layers: the best-scored that fit under `cap`."""
-    from ember.comm.transfer import UNLIMITED, Encoded
-
     layers, _, heads, tokens, dim = kv.shape
     limit = UNLIMITED if cap is None else cap
     config = WireConfig(method.precision, "token")
@@ -170,6 +169,7 @@ def encode_kvcomm(kv: torch.Tensor, method: KVCommMethod, cap: int | None, score
     for indices, payload in groups:
         for layer, size in zip(indices, layer_bytes(payload, config)):
             per_layer[layer] = size
+    # each token's lowest precision over the layers that carry it ('drop' for the tokens no layer carries)
     names = [method.precision] * tokens if full else [method.precision] + ["drop"] * (tokens - 1)
     return Encoded(message, len(message), names, breakdown(message), 1e3 * (selected - began),
                    1e3 * (packed - selected), per_layer, {"layers_full": len(full)})
@@ -192,23 +192,25 @@ def sensitivity(kv: torch.Tensor) -> np.ndarray:
 
 
 def encode_qkvcomm(kv: torch.Tensor, method: QKVCommMethod, cap: int | None, seed: int = 0):
-    """The context's K/V (L, 2, H, c, D) with a per-layer int4 / int8 map under `cap` (module docstring)."""
-    from ember.comm.transfer import UNLIMITED, Encoded
-
+    """The context's K/V (L, 2, H, c, D) with a per-layer int4 / int8 map under `cap` (module docstring); a
+    message whose layers all share one precision carries no map."""
     layers, _, heads, tokens, dim = kv.shape
     limit = UNLIMITED if cap is None else cap
-    config = WireConfig("int4", "token")
     began = time.perf_counter()
-    order = sorted(range(layers), key=lambda layer, s=sensitivity(kv): (-s[layer], layer))
+    scores = sensitivity(kv)
+    order = sorted(range(layers), key=lambda layer: (-scores[layer], layer))
 
-    def codes(upgraded: int) -> torch.Tensor:
-        out = torch.full((layers,), PRECISION_CODES["int4"], dtype=torch.uint8)
-        out[order[:upgraded]] = PRECISION_CODES["int8"]
-        return out
+    def wire(upgraded: int) -> tuple[WireConfig, torch.Tensor | None]:
+        """The config and layer map with the `upgraded` most sensitive layers at int8 (no map when uniform)."""
+        if upgraded in (0, layers):
+            return WireConfig("int8" if upgraded else "int4", "token"), None
+        codes = torch.full((layers,), PRECISION_CODES["int4"], dtype=torch.uint8)
+        codes[order[:upgraded]] = PRECISION_CODES["int8"]
+        return WireConfig("int4", "token"), codes
 
     def size(count: int, upgraded: int) -> int:
-        return expected_size(config, layers, heads, dim, count, layer_precision=codes(upgraded),
-                             max_position=tokens - 1)
+        config, codes = wire(upgraded)
+        return expected_size(config, layers, heads, dim, count, layer_precision=codes, max_position=tokens - 1)
 
     low, high = 0, tokens  # the most tokens at int4 everywhere (size grows with the count)
     while low < high:
@@ -218,18 +220,19 @@ def encode_qkvcomm(kv: torch.Tensor, method: QKVCommMethod, cap: int | None, see
     upgraded = 0
     while count and upgraded < layers and size(count, upgraded + 1) <= limit:
         upgraded += 1
-    scores = token_scores(method.selection, kv[:, 0], kv[:, 1], seed=seed)
-    keep = top_tokens(scores, count)
+    keep = top_tokens(token_scores(method.selection, kv[:, 0], kv[:, 1], seed=seed), count)
     selected = time.perf_counter()
     if not count:
         return Encoded(None, 0, ["drop"] * tokens, {}, 1e3 * (selected - began), 0.0, extra={"layers_int8": 0})
+    config, codes = wire(upgraded)
     payload = KVPayload(kv[:, 0][:, :, keep.to(kv.device)], kv[:, 1][:, :, keep.to(kv.device)], keep, tokens,
-                        layer_precision=codes(upgraded))
+                        layer_precision=codes)
     blob = pack(payload, config)
     packed = time.perf_counter()
     if len(blob) != size(count, upgraded) or len(blob) > limit:
         raise CommError(f"KVWire blob: expected {size(count, upgraded)} bytes within the cap {cap}, found {len(blob)}")
     kept = set(keep.tolist())
-    names = ["int4" if t in kept else "drop" for t in range(tokens)]  # a kept token's lowest precision
+    lowest = "int8" if upgraded == layers else "int4"  # a kept token's lowest precision over the layers
+    names = [lowest if t in kept else "drop" for t in range(tokens)]
     return Encoded(blob, len(blob), names, inspect(blob).breakdown, 1e3 * (selected - began),
                    1e3 * (packed - selected), layer_bytes(payload, config), {"layers_int8": upgraded})

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ember.comm.items import CommItem
-from ember.comm.layer_baselines import KVCommMethod, QKVCommMethod, attention_mass, encode_kvcomm, encode_qkvcomm
-from ember.comm.layer_baselines import layer_scores
+from ember.comm.layer_baselines import (KVCommMethod, QKVCommMethod, attention_mass, encode_kvcomm, encode_qkvcomm,
+                                        layer_scores)
 from ember.comm.prompt import prompt_parts
 from ember.comm.text import write_hints
 from ember.comm.transfer import Encoded, KVMethod, encode_context, sharer_context_kv

@@ -50,7 +50,8 @@ class KVMethod:
 @dataclass
 class Encoded:
     """What a sharer sends for one sample: the blob (None when nothing fits), its size and breakdown, each
-    context token's precision (`groups`; 'drop' when not sent; a layer-wise method gives a token's lowest),
+    context token's precision (`groups`; 'drop' when not sent; a layer-wise method gives a token's lowest
+    precision over the layers that carry it, 'drop' when none does),
     the select / encode times (ms), the payload + scale bytes of each layer, and method-specific counts
     (`extra`, e.g. the layers a layer-wise method sent whole)."""
 
@@ -113,6 +114,7 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
             raise CommError("layer-group messages are same-model transfers; this pair goes through a projector")
         layers, groups = unpack_groups(blob, device=device)
         kv, _, seen = assemble(layers, groups)  # (L, 2, H, m, D), (L, m)
+        _check_same_shape(kv, head_kv)
         decoded = time.perf_counter()
         parts.append(kv.to(dtype))
         heads_seen = torch.ones(layers, head_kv.shape[3], dtype=torch.bool)
@@ -121,7 +123,9 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
         payload = unpack(blob, device=device)
         kv = torch.stack([payload.k, payload.v], dim=1)  # (L, 2, H, m, D)
         decoded = time.perf_counter()
-        if projector is not None:
+        if projector is None:
+            _check_same_shape(kv, head_kv)
+        else:
             positions = payload.positions.to(device)[None]  # (1, m) context indices of the kept tokens
             with torch.no_grad():
                 kv = projector(kv[:, :, None], sharer_head + positions, head_kv.shape[3] + positions)[:, :, 0]
@@ -129,3 +133,10 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
     past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len, layer_valid=visible)
     ended = time.perf_counter()
     return past, 1e3 * (decoded - began), 1e3 * (ended - decoded)
+
+
+def _check_same_shape(kv: torch.Tensor, head_kv: torch.Tensor) -> None:
+    """Raise CommError unless decoded K/V (L, 2, H, m, D) fits the receiver's cache (L, 2, H, h, D)."""
+    found, expected = (kv.shape[0], kv.shape[2], kv.shape[4]), (head_kv.shape[0], head_kv.shape[2], head_kv.shape[4])
+    if found != expected:
+        raise CommError(f"received K/V: expected the receiver's (layers, KV heads, head dim) {expected}, found {found}")

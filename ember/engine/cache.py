@@ -167,6 +167,10 @@ class KVCache:
         if start + tokens > self.capacity:
             raise GenerationError(f"cache overflow: loading {tokens} tokens at slot {start} into capacity "
                                   f"{self.capacity}")
+        expected = (self.config.num_layers, tokens)
+        if layer_valid is not None and (layer_valid.dtype != torch.bool or tuple(layer_valid.shape) != expected):
+            raise GenerationError(f"layer_valid: expected a bool tensor of shape (L, m) = {expected}, found "
+                                  f"{layer_valid.dtype} of shape {tuple(layer_valid.shape)}")
         self.storage[:, :, rows, :, start:start + tokens] = kv[:, :, None].to(self.storage.dtype)
         self.key_valid[rows, start:start + tokens] = True
         self.next_position[rows] = next_position

@@ -92,15 +92,15 @@ def _number(value) -> str:
 
 
 def macros(table: pd.DataFrame, params: Params) -> dict:
-    """Per (pair, task, bucket): at how many caps each side leads, and at the largest finite cap each side's
-    accuracy (points)."""
+    """Per (pair, task, bucket): at how many finite caps each side leads (full transfer, where every side
+    sends everything, is left out), and at the largest finite cap each side's accuracy (points)."""
     target = params.target or "tab3"
     values = {}
     for key, part in table.groupby(["pair", "task", "context_len_bucket"], sort=False):
         base = (target, key[0], key[1], f"ctx{int(key[2])}")
         capped = part[part["cap"].notna()].sort_values("cap")
         for side in SIDES:
-            values[macro_name(*base, side, "leads")] = int((part["leader"] == side).sum())
+            values[macro_name(*base, side, "leads")] = int((capped["leader"] == side).sum())
             column = f"{side}_accuracy"
             if column in capped and not capped.empty and pd.notna(capped[column].iloc[-1]):
                 values[macro_name(*base, side, "accuracy at top cap")] = Fixed(100 * capped[column].iloc[-1], 0)

@@ -483,15 +483,17 @@ def why(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
 
 def layer_dominance(layer_bytes: pd.Series) -> dict:
     """Which layers the bytes go to, from rows' `layer_bytes` (per-layer payload + scale bytes, space-separated):
-    the fewest layers holding half of the mean bytes, as a fraction of the layers (0.5 when every layer
-    weighs the same), and the three heaviest layers; NaN / '' when nothing was sent."""
+    the fewest layers holding half of the mean bytes, as a fraction of the layers (about 0.5 when every layer
+    weighs the same, as with kv:/rd: methods), and the three heaviest layers ('uniform' when every layer weighs
+    the same); NaN / '' when nothing was sent."""
     sent = [np.array(text.split(), dtype=float) for text in layer_bytes.dropna() if str(text).strip()]
     if not sent:
         return {"layers_for_half": float("nan"), "top_layers": ""}
     mean = np.mean(sent, axis=0)  # (L,)
     order = np.argsort(-mean, kind="stable")
     needed = int(np.searchsorted(np.cumsum(mean[order]), mean.sum() / 2) + 1)
-    return {"layers_for_half": needed / len(mean), "top_layers": ",".join(map(str, order[:3]))}
+    top = "uniform" if mean.max() == mean.min() else ",".join(map(str, order[:3]))
+    return {"layers_for_half": needed / len(mean), "top_layers": top}
 
 
 def macros(table: pd.DataFrame, flip_table: pd.DataFrame, params: Params) -> dict:

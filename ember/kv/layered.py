@@ -51,6 +51,9 @@ def pack_groups(groups: list[tuple[list[int], KVPayload]], config: WireConfig, l
             if owner[layer] != NOT_SENT:
                 raise KVWireError(f"layer {layer}: expected in one group, found in groups {owner[layer]} and {g}")
             owner[layer] = g
+    shapes = {(p.shape[1], p.shape[3], p.context_len) for _, p in groups}
+    if len(shapes) != 1:
+        raise KVWireError(f"groups: expected one (heads, head dim, context length), found {sorted(shapes)}")
     blobs = [pack(payload, config) for _, payload in groups]
     body = b"".join([HEADER.pack(MAGIC, VERSION, layers, len(groups), 0), bytes(owner),
                      struct.pack(f"<{len(blobs)}I", *map(len, blobs)), *blobs])

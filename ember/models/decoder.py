@@ -144,6 +144,9 @@ class DecoderLM(nn.Module):
         start, stop = step.layers or (0, len(layers))
         if not 0 <= start < stop <= len(layers):
             raise StepError(f"Step.layers: expected 0 <= a < b <= {len(layers)}, found [{start}, {stop})")
+        if step.layer_mask is not None and step.layer_mask.shape[0] != len(layers):
+            raise StepError(f"Step.layer_mask: expected one mask per layer ({len(layers)}), found "
+                            f"{step.layer_mask.shape[0]}")
         if hidden is None and (start > 0 or input_ids is None):
             raise StepError(f"run: layers from {start} need {'input_ids' if start == 0 else 'hidden states'}")
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # (b, T, hidden)

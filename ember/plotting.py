@@ -280,7 +280,7 @@ def equal_bytes(table, title: str):
                 continue
             acc = 100 * part[f"{side}_accuracy"].to_numpy(float)
             err = np.vstack([acc - 100 * part[f"{side}_ci_low"].to_numpy(float),
-                             100 * part[f"{side}_ci_high"].to_numpy(float) - acc])
+                             100 * part[f"{side}_ci_high"].to_numpy(float) - acc]).clip(min=0)  # rounding
             ax.errorbar(x, acc, yerr=err, marker=marker, markersize=4, capsize=2, color=color, label=label)
         ax.set_xticks(x, [_bytes_label(None if c == float("inf") else c) for c in part["order"]], rotation=45,
                       ha="right")

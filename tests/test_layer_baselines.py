@@ -270,6 +270,8 @@ def test_tab3_smoke_sweep_table_macros_and_figure(tmp_path, monkeypatch):
     from ember.plotting import equal_bytes as plot
 
     assert len(plot(table, "smoke").axes) == 1
+    perfect = table.assign(text_accuracy=1.0, text_ci_low=0.6, text_ci_high=1 - 1e-16)  # Wilson's bound rounds below 1
+    assert len(plot(perfect, "all right").axes) == 1
     sequential = df.sort_values(["method", "cap", "item_id"]).reset_index(drop=True)
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "sim"))
     simultaneous, _ = equal_bytes.run(load_params("tab3", "smoke", "sequential=false"), progress=False)

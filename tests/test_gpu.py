@@ -165,3 +165,21 @@ def test_engine_with_fused_lora_matches_the_unfused_path():
         for x, y in zip(a.completions, b.completions):
             assert x.token_ids == y.token_ids
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+
+
+def test_the_dispatch_report_shows_the_fast_paths_taken(monkeypatch):
+    """bf16 causal prefill on a fused SDPA backend (not the math fallback); decode-sized LoRA on the fused kernel."""
+    from ember.models import LoraAdapter, dispatch
+
+    loaded = load("tiny-qwen3")
+    loaded.model.to("cuda", torch.bfloat16)
+    monkeypatch.setenv(dispatch.ENV, "1")
+    with torch.no_grad():
+        loaded.model(torch.randint(0, 100, (2, 64), device="cuda"))
+    assert all("sdpa:math" not in p["attention"][0] and p["attention"][0].endswith("mask=causal")
+               for p in dispatch.last().paths.values())
+    engine = Engine(loaded.model, loaded.tokenizer, prefix_cache=False, cuda_graphs=False)
+    engine.set_adapter(engine.load_adapter(LoraAdapter.create(loaded.model, r=4, alpha=8, seed=1,
+                                                              dtype=torch.bfloat16)))
+    engine.generate(PROMPTS[:1], sampling=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert all(set(p["lora"]) == {"fused"} for p in dispatch.last().paths.values())  # the last decode step

@@ -7,12 +7,15 @@ engine's steps write to and read from a KV cache, a training step is plain causa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ember.errors import StepError
+from ember.models import dispatch
 from ember.models.config import ModelConfig
 from ember.models.lora import LoraLinear
 from ember.models.rotary import apply_rope, rope_cos_sin
@@ -70,6 +73,9 @@ class Attention(nn.Module):
         if step.query_hook is not None:
             step.query_hook(self.index, q, keys, mask)
         causal = step.causal and mask is None
+        if dispatch.recording_now():
+            dispatch.note("attention", dispatch.attention_path(q, keys, values, mask, causal,
+                                                               step.layer_mask is not None))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))  # (b, T, hidden)
 
@@ -151,9 +157,21 @@ class DecoderLM(nn.Module):
             raise StepError(f"run: layers from {start} need {'input_ids' if start == 0 else 'hidden states'}")
         x = self.model.embed_tokens(input_ids) if hidden is None else hidden  # (b, T, hidden)
         cos, sin = rope_cos_sin(step.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        with dispatch.recording((start, stop)) if dispatch.enabled() else nullcontext():
+            x, boundary = self._layers(step, x, cos, sin, start, stop)
+        logits = None
+        if stop == len(layers) and step.logits != "none":
+            last = x[:, -1:] if step.logits == "last" else x
+            logits = F.linear(self.model.norm(last), self.output_weight)  # (b, T, V)
+        return StepOutput(logits, x, boundary)
+
+    def _layers(self, step: Step, x: torch.Tensor, cos, sin, start: int, stop: int):
+        """Layers [start, stop) on x (b, T, hidden): the output and the captured boundary states."""
+        layers = self.model.layers
         boundary = {}
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and step.kv is None
         for index in range(start, stop):
+            dispatch.at_layer(index)
             if index in step.capture:
                 boundary[index] = x
             if recompute:
@@ -162,8 +180,4 @@ class DecoderLM(nn.Module):
                 x = layers[index](x, cos, sin, step)
         if stop in step.capture:
             boundary[stop] = x
-        logits = None
-        if stop == len(layers) and step.logits != "none":
-            last = x[:, -1:] if step.logits == "last" else x
-            logits = F.linear(self.model.norm(last), self.output_weight)  # (b, T, V)
-        return StepOutput(logits, x, boundary)
+        return x, boundary

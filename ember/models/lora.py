@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import AdapterError
-from ember.models import lora_kernel
+from ember.models import dispatch, lora_kernel
 from ember.report import atomic_directory
 
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -72,7 +72,9 @@ class LoraLinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.lora_a is None:
             return y
-        if self._fusable(x):
+        fusable = self._fusable(x)
+        dispatch.note("lora", "fused" if fusable else "unfused")
+        if fusable:
             lora_kernel.lora_add_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).contiguous(), self.lora_a,
                                   self.lora_b)
             return y

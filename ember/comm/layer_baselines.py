@@ -11,7 +11,7 @@ best layers carry every context token at `precision` and the other layers the fi
 the most that fits (a layer-group message, ember.kv.layered); nothing is sent when even k = 0 does not fit.
 The receiver sees, in an unselected layer, that first token only (a per-layer past mask).
 How it differs from the published method: the calibration set is a few synthetic items of the task
-(CALIBRATION default in the experiments), ALPHA and sigma are fixed here, not tuned per pair; k follows the
+(`calibration_items` in the experiments' params), ALPHA and sigma are fixed here, not tuned per pair; k follows the
 byte cap instead of a chosen fraction of layers; the tensors are KVWire-quantized at `precision` (the
 published sends them unquantized); the first context token is kept in the unselected layers.
 
@@ -41,7 +41,7 @@ from ember.comm.transfer import UNLIMITED, Encoded
 from ember.errors import CommError
 from ember.kv.layered import HEADER as GROUP_HEADER, CHECKSUM_BYTES as GROUP_CHECKSUM, breakdown, pack_groups
 from ember.kv.quant import QuantSpec, fake_quant
-from ember.kv.select import SELECTION_MODES, token_scores, top_tokens
+from ember.kv.select import OWN_KV_MODES, token_scores, top_tokens
 from ember.kv.wire import PRECISION_CODES, KVPayload, WireConfig, expected_size, inspect, layer_bytes, pack
 from ember.models.step import causal_step
 
@@ -76,8 +76,8 @@ class QKVCommMethod:
     selection: str = "vnorm"
 
     def __post_init__(self):
-        if self.selection not in SELECTION_MODES[:5]:
-            raise CommError(f"qkvcomm selection: expected one of {SELECTION_MODES[:5]}, found {self.selection!r}")
+        if self.selection not in OWN_KV_MODES:
+            raise CommError(f"qkvcomm selection: expected one of {OWN_KV_MODES}, found {self.selection!r}")
 
     @property
     def name(self) -> str:

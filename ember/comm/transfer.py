@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ember.engine.past import PastKV
+from ember.engine.past import PastKV, concat_past
 from ember.errors import CommError
 from ember.kv.allocate import LADDER, allocate, payload_for
 from ember.kv.select import SELECTION_MODES, token_scores
@@ -108,7 +108,8 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
     re-rotated from sharer position `sharer_head` + i to receiver position h + i of context token i.
     A layer-group message (ember.kv.layered) gives each layer only its own tokens (the past's layer mask)."""
     began = decoded = time.perf_counter()
-    parts, visible = [head_kv], None
+    next_position = head_kv.shape[3] + context_len
+    parts = [PastKV(head_kv, next_position)]
     if blob is not None and is_layered(blob):
         if projector is not None:
             raise CommError("layer-group messages are same-model transfers; this pair goes through a projector")
@@ -116,9 +117,7 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
         kv, _, seen = assemble(layers, groups)  # (L, 2, H, m, D), (L, m)
         _check_same_shape(kv, head_kv)
         decoded = time.perf_counter()
-        parts.append(kv.to(dtype))
-        heads_seen = torch.ones(layers, head_kv.shape[3], dtype=torch.bool)
-        visible = torch.cat([heads_seen, seen], dim=1).to(device)  # (L, h + m)
+        parts.append(PastKV(kv.to(dtype), next_position, seen))
     elif blob is not None:
         payload = unpack(blob, device=device)
         kv = torch.stack([payload.k, payload.v], dim=1)  # (L, 2, H, m, D)
@@ -129,8 +128,8 @@ def receive(blob: bytes | None, head_kv: torch.Tensor, context_len: int, device,
             positions = payload.positions.to(device)[None]  # (1, m) context indices of the kept tokens
             with torch.no_grad():
                 kv = projector(kv[:, :, None], sharer_head + positions, head_kv.shape[3] + positions)[:, :, 0]
-        parts.append(kv.to(dtype))
-    past = PastKV(torch.cat(parts, dim=3), head_kv.shape[3] + context_len, layer_valid=visible)
+        parts.append(PastKV(kv.to(dtype), next_position))
+    past = concat_past(parts)  # the head seen by every layer
     ended = time.perf_counter()
     return past, 1e3 * (decoded - began), 1e3 * (ended - decoded)
 

@@ -43,12 +43,12 @@ def attention_mask(cache: KVCache, rows: int, start: int, steps: int):
     """Mask for queries at slots [start, start+T) over keys [0, start+T): (mask | None, is_causal).
 
     Without padding, causal attention needs no explicit mask (fast kernels): none for one query, `is_causal`
-    from slot 0, a lower-right causal bias after cached slots. With padding (or per-layer key validity, whose
-    layer masks need a boolean mask to AND into), a query may see valid keys at or before its slot; it always
-    sees itself so a padding query never has an empty row.
+    from slot 0, a lower-right causal bias after cached slots. With padding (which a cache with per-layer key
+    validity always reports: its layer masks need a boolean mask to AND into), a query may see valid keys at
+    or before its slot; it always sees itself so a padding query never has an empty row.
     """
     end = start + steps
-    if not cache.has_padding and cache.layer_valid is None:
+    if not cache.has_padding:
         if steps == 1:
             return None, False
         if start == 0:

@@ -12,7 +12,8 @@ import torch
 from ember.errors import CommError
 from ember.kv.wire import WireConfig, expected_size
 
-SELECTION_MODES = ("front", "back", "random", "knorm", "vnorm", "proj_vnorm", "delta_proj_vnorm")
+OWN_KV_MODES = ("front", "back", "random", "knorm", "vnorm")  # scored from the sharer's own K/V alone
+SELECTION_MODES = OWN_KV_MODES + ("proj_vnorm", "delta_proj_vnorm")
 
 
 def token_scores(mode: str, k: torch.Tensor, v: torch.Tensor, seed: int = 0, projected_v: torch.Tensor | None = None,

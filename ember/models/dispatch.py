@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -55,9 +56,7 @@ class DispatchReport:
 def _entry(paths: dict[str, list[str]]) -> str:
     parts = []
     for what in ("attention", "lora"):
-        counts = {}
-        for path in paths.get(what, []):
-            counts[path] = counts.get(path, 0) + 1
+        counts = Counter(paths.get(what, []))
         if counts:
             parts.append(f"{what}=" + ",".join(f"{p} x{n}" if n > 1 else p for p, n in counts.items()))
     return " ".join(parts) or "no attention or LoRA"

@@ -5,8 +5,9 @@
 #   bash docs/runs/fig7-paper.sh transfer           context transfer, Identical pair (the paper profile)
 #   bash docs/runs/fig7-paper.sh projector PAIR SHARER  train a context-transfer projector for PAIR (resumable:
 #                                                   run again after a time-budget stop), then fig7 transfer
-#   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR, then fig7 in
-#                                                   shared-context mode on recall, OpenBookQA and ARC-Challenge
+#   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR unless one is there,
+#                                                   then fig7 in shared-context mode on the tasks in $TASKS
+#                                                   (default recall openbookqa arc_challenge; TASKS= trains only)
 # Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp/ec} EMBER_WHEELS=${EMBER_WHEELS:-/tmp/wheels}
@@ -37,10 +38,12 @@ case "$1" in
     fi ;;
   fusion)
     pair=$2 sharer=$3
-    python3 -m ember.cli fuser train --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" --examples 6000 \
-      --recall-share 0.25 --steps 600 --batch 16 --hidden 256 --lr 1e-4 --warmup 30 --lora-control \
-      --device cuda --out "$FUSERS/$pair"
-    for task in recall openbookqa arc_challenge; do
+    if [ ! -f "$FUSERS/$pair/manifest.json" ]; then
+      python3 -m ember.cli fuser train --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" --examples 6000 \
+        --recall-share 0.25 --steps 600 --batch 16 --hidden 256 --lr 1e-4 --warmup 30 --lora-control \
+        --device cuda --out "$FUSERS/$pair"
+    fi
+    for task in ${TASKS-recall openbookqa arc_challenge}; do
       EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
         "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
          items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=16"

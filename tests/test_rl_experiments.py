@@ -2,14 +2,17 @@
 that run's checkpoint to the uninterrupted numbers; exact policies roll out what Naive rolls out; the dual
 stack's merged copy computes what the unified model with the adapter computes; bad params are clear errors."""
 
+import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 from ember.engine import Engine
 from ember.errors import ParamsError, ReportError
 from ember.experiments import cumulative_cost, strategies
+from ember.experiments.rl_runs import RL_RUNS, RLParams
 from ember.models import load
 from ember.models.lora import LoraAdapter, attach, kept_bindings, lora_modules
 from ember.params import load_params
@@ -32,7 +35,7 @@ def test_fig3_resumes_mid_run_after_its_time_budget_with_the_same_numbers(tmp_pa
     overrides = {"policies": ["naive", "keep_stale"], "rounds": 3, "time_budget_s": 1e-9}
     with pytest.raises(ReportError, match="stopped after round 0 of 3"):
         cumulative_cost.run(load_params("fig3", "smoke", overrides))
-    checkpoints = list((tmp_path / "reports" / "fig3" / "checkpoints").iterdir())
+    checkpoints = list((tmp_path / "reports" / RL_RUNS / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "LATEST").read_text() == "round-0000"
     resumed, _ = cumulative_cost.run(load_params("fig3", "smoke", {**overrides, "time_budget_s": 0.0}))
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path / "uninterrupted"))
@@ -62,6 +65,21 @@ def test_tab1_tables_cover_policies_ladder_and_stacks():
     assert stack["weights_bytes"].iloc[1] == 2 * stack["weights_bytes"].iloc[0]  # a second copy of the weights
     assert set(strategies.latex_tables(policies, ladder, stack)) == {"tab1_policies", "tab1_ladder", "tab1_stack"}
     assert "\\begin{tabular}" in strategies.latex_tables(policies, ladder, stack)["tab1_stack"]
+
+
+def test_tab1_reuses_the_rl_runs_fig3_made_instead_of_running_them_again(monkeypatch):
+    fig3 = load_params("fig3", "smoke", {"policies": ["naive", "prefix_only"], "rounds": 1})
+    made, _ = cumulative_cost.run(fig3)
+    shape = load_params("tab1", "smoke")
+    same_run = {f.name: list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(RLParams)
+                if f.name not in ("target", "profile") and (v := getattr(fig3, f.name)) != getattr(shape, f.name)}
+    tab1 = load_params("tab1", "smoke", {**same_run, "policies": ["naive", "prefix_only"], "trainer": fig3.trainer,
+                                         "ladder": [fig3.trainer], "ladder_policy": "prefix_only"})
+    monkeypatch.setattr(strategies, "rl_cell", lambda *a, **k: pytest.fail("an RL run fig3 made ran again"))
+    df, _ = strategies.run(tab1)
+    rl = df[df["kind"] == "rl"].dropna(axis=1, how="all").drop(columns="kind")
+    pd.testing.assert_frame_equal(_untimed(rl), _untimed(made[rl.columns]), check_dtype=False)
+    assert (df["kind"] == "sync").any()
 
 
 def test_the_merged_copy_computes_what_the_model_with_its_adapter_computes(tmp_path):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ember.experiments.cells import CellStore
-from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell
+from ember.experiments.rl_runs import (POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell,
+                                       rl_cell_name, rl_store)
 from ember.params import param
 from ember.report import Fixed, macro_name
 from ember.train import TRAINERS
@@ -29,12 +29,13 @@ class Params(RLParams):
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
-    """One cell per policy (resumable per round); rows per (policy, round)."""
+    """One cell per policy (resumable per round; shared with tab1 through `rl_store`); rows per (policy, round)."""
     engine = load_engine(params)
     task, held_out = prompt_sets(engine, params)
-    store = CellStore(params, params.time_budget_s)
-    cells = {f"policy={p}": (lambda p=p: rl_cell(engine, params, store, f"policy={p}", p, params.trainer, task,
-                                                  held_out, progress)) for p in params.policies}
+    store = rl_store(params)
+    names = {p: rl_cell_name(p, params.trainer) for p in params.policies}
+    cells = {names[p]: (lambda p=p: rl_cell(engine, params, store, names[p], p, params.trainer, task, held_out,
+                                            progress)) for p in params.policies}
     return with_cumulative(store.run(cells, progress)), engine.provenance
 
 

@@ -4,6 +4,7 @@ followed by the held-out accuracy of its final adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
@@ -11,6 +12,7 @@ import torch
 
 from ember.engine import Engine, SamplingParams
 from ember.errors import ParamsError, ReportError
+from ember.experiments.cells import CellStore
 from ember.experiments.workloads import RL_TASKS, check_lora_targets, resolve_device, rl_prompt_set
 from ember.models.lora import PROJECTIONS
 from ember.params import RunParams, param
@@ -21,6 +23,7 @@ from ember.train import TRAINERS, TrainConfig, make_trainer
 from ember.train.loop import LoopConfig, run_loop
 
 POLICIES = ("naive", "prefix_only", "keep_stale", "update_locality", "periodic_refresh", "updatable_kv")
+RL_RUNS = "rl_runs"  # the folder under reports/ of the RL runs every experiment shares
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,20 @@ def prompt_sets(engine, params: RLParams):
     held_out = rl_prompt_set(engine.tokenizer, params.task, params.held_out, params.seed + 100_000, params.reward,
                              params.shots)
     return train, held_out
+
+
+def rl_store(params: RLParams) -> CellStore:
+    """The finished RL runs, shared by the experiments made of them (fig3 and tab1) under reports/rl_runs/: keyed by
+    the fields of RLParams alone (not by the experiment's name, profile or grid) on the resolved device, so a
+    trainer's run under a policy that one experiment made is reused by the other instead of run again."""
+    own = {field.name: getattr(params, field.name) for field in dataclasses.fields(RLParams)}
+    keyed = RLParams(**{**own, "target": RL_RUNS, "profile": "", "device": resolve_device(params.device)})
+    return CellStore(keyed, params.time_budget_s)
+
+
+def rl_cell_name(policy: str, trainer: str) -> str:
+    """The name of the cell of one RL run in `rl_store`."""
+    return f"policy={policy} trainer={trainer}"
 
 
 def rl_cell(engine, params: RLParams, store, cell: str, policy: str, trainer_name: str, task, held_out,

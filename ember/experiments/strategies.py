@@ -14,7 +14,8 @@ import pandas as pd
 from ember.experiments.cells import CellStore
 from ember.experiments.cumulative_cost import summarize as summarize_policies
 from ember.experiments.cumulative_cost import with_cumulative
-from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell
+from ember.experiments.rl_runs import (POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell,
+                                       rl_cell_name, rl_store)
 from ember.params import param
 from ember.report import Fixed, macro_name, report_dir
 from ember.train import TRAINERS, TrainConfig, make_trainer
@@ -40,19 +41,20 @@ class Params(RLParams):
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
-    """Cells: one RL run per (policy, trainer) pair needed (shared between the policy rows and the ladder),
-    then the sync measurement. Rows carry `kind` = rl or sync."""
+    """Cells: one RL run per (policy, trainer) pair needed (shared between the policy rows and the ladder, and
+    with fig3 through `rl_store`), then the sync measurement. Rows carry `kind` = rl or sync."""
     engine = load_engine(params)
     task, held_out = prompt_sets(engine, params)
-    store = CellStore(params, params.time_budget_s)
     runs = [(p, params.trainer) for p in params.policies] + [(params.ladder_policy, t) for t in params.ladder]
+    store = rl_store(params)
     cells = {}
     for policy, trainer in dict.fromkeys(runs):
-        name = f"policy={policy} trainer={trainer}"
+        name = rl_cell_name(policy, trainer)
         cells[name] = (lambda policy=policy, trainer=trainer, name=name:
                        rl_cell(engine, params, store, name, policy, trainer, task, held_out, progress))
-    cells["sync"] = lambda: _sync_cell(engine, params, task)
-    df = store.run(cells, progress)
+    rl = store.run(cells, progress)
+    sync = CellStore(params, params.time_budget_s).run({"sync": lambda: _sync_cell(engine, params, task)}, progress)
+    df = pd.concat([rl, sync], ignore_index=True)
     df["kind"] = "rl"
     df.loc[df["method"].notna(), "kind"] = "sync"
     return df, engine.provenance

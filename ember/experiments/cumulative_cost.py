@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ember.experiments.rl_runs import (POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell,
-                                       rl_cell_name, rl_store)
+from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cells, rl_store
 from ember.params import param
 from ember.report import Fixed, macro_name
 from ember.train import TRAINERS
@@ -33,9 +32,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     engine = load_engine(params)
     task, held_out = prompt_sets(engine, params)
     store = rl_store(params)
-    names = {p: rl_cell_name(p, params.trainer) for p in params.policies}
-    cells = {names[p]: (lambda p=p: rl_cell(engine, params, store, names[p], p, params.trainer, task, held_out,
-                                            progress)) for p in params.policies}
+    cells = rl_cells(engine, params, store, [(p, params.trainer) for p in params.policies], task, held_out, progress)
     return with_cumulative(store.run(cells, progress)), engine.provenance
 
 

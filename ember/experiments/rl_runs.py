@@ -121,9 +121,15 @@ def rl_store(params: RLParams) -> CellStore:
     return CellStore(keyed, params.time_budget_s)
 
 
-def rl_cell_name(policy: str, trainer: str) -> str:
-    """The name of the cell of one RL run in `rl_store`."""
-    return f"policy={policy} trainer={trainer}"
+def rl_cells(engine, params: RLParams, store: CellStore, runs, task, held_out, progress=None) -> dict:
+    """The cells of `store.run` for the (policy, trainer) `runs` (each once, in order), named as `rl_store`
+    shares them between experiments."""
+    cells = {}
+    for policy, trainer in dict.fromkeys(runs):
+        name = f"policy={policy} trainer={trainer}"
+        cells[name] = (lambda policy=policy, trainer=trainer, name=name:
+                       rl_cell(engine, params, store, name, policy, trainer, task, held_out, progress))
+    return cells
 
 
 def rl_cell(engine, params: RLParams, store, cell: str, policy: str, trainer_name: str, task, held_out,

@@ -14,8 +14,7 @@ import pandas as pd
 from ember.experiments.cells import CellStore
 from ember.experiments.cumulative_cost import summarize as summarize_policies
 from ember.experiments.cumulative_cost import with_cumulative
-from ember.experiments.rl_runs import (POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cell,
-                                       rl_cell_name, rl_store)
+from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cells, rl_store
 from ember.params import param
 from ember.report import Fixed, macro_name, report_dir
 from ember.train import TRAINERS, TrainConfig, make_trainer
@@ -47,12 +46,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     task, held_out = prompt_sets(engine, params)
     runs = [(p, params.trainer) for p in params.policies] + [(params.ladder_policy, t) for t in params.ladder]
     store = rl_store(params)
-    cells = {}
-    for policy, trainer in dict.fromkeys(runs):
-        name = rl_cell_name(policy, trainer)
-        cells[name] = (lambda policy=policy, trainer=trainer, name=name:
-                       rl_cell(engine, params, store, name, policy, trainer, task, held_out, progress))
-    rl = store.run(cells, progress)
+    rl = store.run(rl_cells(engine, params, store, runs, task, held_out, progress), progress)
     sync = CellStore(params, params.time_budget_s).run({"sync": lambda: _sync_cell(engine, params, task)}, progress)
     df = pd.concat([rl, sync], ignore_index=True)
     df["kind"] = "rl"

@@ -4,11 +4,14 @@
 #                                                   tar's parts (built by xfer-parts.sh) are read
 #                                                   from $XFER (default .xfer)
 #   bash docs/runs/fig7-paper.sh transfer           context transfer, Identical pair (the paper profile)
-#   bash docs/runs/fig7-paper.sh projector PAIR SHARER  train a context-transfer projector for PAIR (resumable:
-#                                                   run again after a time-budget stop), then fig7 transfer
+#   bash docs/runs/fig7-paper.sh projector PAIR SHARER  train a context-transfer projector for PAIR unless one
+#                                                   is there, then fig7 transfer on the tasks in $TASKS
+#                                                   (default recall; TASKS= trains only)
 #   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR unless one is there,
 #                                                   then fig7 in shared-context mode on the tasks in $TASKS
 #                                                   (default recall openbookqa arc_challenge; TASKS= trains only)
+# Training stops after $BUDGET seconds (projector default 480, fuser 0 = no limit; the fuser's LoRA control is
+# not counted) and resumes when the same command runs again; fig7 runs only once the training has finished.
 # Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp/ec} EMBER_WHEELS=${EMBER_WHEELS:-/tmp/wheels}
@@ -33,17 +36,19 @@ case "$1" in
         --examples 4000 --facts 20 --context-tokens 400 --extraction-share 0.25 --steps 600 --batch 16 \
         --hidden 512 --lr 3e-4 --warmup 30 --time-budget "${BUDGET:-480}" --device cuda --out "$FUSERS/$pair-projector"
     fi
-    if [ -f "$FUSERS/$pair-projector/manifest.json" ]; then
-      EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair python3 -m ember.cli run fig7 --profile paper --set \
-        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector"
-    fi ;;
+    [ -f "$FUSERS/$pair-projector/manifest.json" ] || exit 0
+    for task in ${TASKS-recall}; do
+      EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
+        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task"
+    done ;;
   fusion)
     pair=$2 sharer=$3
     if [ ! -f "$FUSERS/$pair/manifest.json" ]; then
       python3 -m ember.cli fuser train --receiver "$RECEIVER" --sharer "$sharer" --pair "$pair" --examples 6000 \
         --recall-share 0.25 --steps 600 --batch 16 --hidden 256 --lr 1e-4 --warmup 30 --lora-control \
-        --device cuda --out "$FUSERS/$pair"
+        --time-budget "${BUDGET:-0}" --device cuda --out "$FUSERS/$pair"
     fi
+    [ -f "$FUSERS/$pair/manifest.json" ] || exit 0
     for task in ${TASKS-recall openbookqa arc_challenge}; do
       EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
         "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \

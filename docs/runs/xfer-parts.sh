@@ -6,6 +6,8 @@
 # GPU image lacks), wheels/ (gguf and the models' package wheels) and datasets/ (the benchmark sets from
 # $EMBER_CACHE). A call carries one part (carry [".xfer/partNN"], `cp .xfer/partNN /tmp/x/`); the working tree
 # travels with it and both count towards the 64 MiB a call may carry, so each part is 64 MiB less the tree.
+# Tracked files moved aside do not count: with docs/runs (most of the tree's bytes) moved out of the checkout
+# while the parts are built and sent, there are fewer, larger parts (`git checkout docs/runs` brings it back).
 # Then `XFER=/tmp/x bash docs/runs/fig7-paper.sh setup MODEL...` on the GPU machine unpacks and installs.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 MODEL..." >&2; exit 2; }
@@ -26,7 +28,7 @@ PYEOF
   "$PY" -m pip download -q --no-deps -d "$stage/wheels" -r "$stage/requirements.txt"
 done
 cp -r "${EMBER_CACHE:-$HOME/.cache/ember}/datasets" "$stage/"
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1 || true)  # files present only
 part=$(( 64 * 1024 * 1024 - tree - 2 * 1024 * 1024 ))  # 2 MiB to spare
 rm -rf .xfer && mkdir .xfer
 tar cf - -C "$stage" js wheels datasets | split -b "$part" -d - .xfer/part

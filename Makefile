@@ -15,14 +15,14 @@ P ?=
 REUSE ?=
 STALE ?=
 STRICT ?=
-FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1 tab3
+FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1 tab2 tab3
 TEST_OUT := $(CURDIR)/.test-out
 
-.PHONY: setup all test bench lab clean help targets models stamp paper $(FIGURES)
+.PHONY: setup all test bench lab clean help targets models stamp paper llama-cpp $(FIGURES)
 
 help:
 	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup all $(FIGURES) paper models stamp test bench lab clean"
+	@echo "targets: setup all $(FIGURES) paper models stamp test bench llama-cpp lab clean"
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ test: setup
 bench: setup
 	$(PY) -m ember.cli bench generate --out reports/bench/generate_cpu.json
 	$(PY) -m ember.cli bench kvwire --out reports/bench/kvwire_cpu.json
+
+# llama-cpp-python for tab2's llama.cpp rows, built from the PyPI source for this CPU (several minutes on 2
+# cores; never part of `make test`). 0.3.16: the 0.3.36 build crashed on every multi-token prompt here.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.16
+llama-cpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+		-DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet $(LLAMA_CPP_PYTHON)
 
 lab: setup
 	$(PY) -m ember.cli lab

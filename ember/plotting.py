@@ -291,3 +291,29 @@ def equal_bytes(table, title: str):
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.suptitle(title, y=1.03)
     return fig
+
+
+def cross_framework_bars(summary, title: str):
+    """tab2 at a glance: one panel per workload, tokens/s per measured framework (from zero, value on each bar);
+    frameworks that did not run are named under the panel."""
+    sns.set_theme(style="whitegrid", context="paper")
+    workloads = list(dict.fromkeys(summary["workload"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads), 3.2), squeeze=False)
+    frameworks = list(dict.fromkeys(summary["label"]))
+    colors = dict(zip(frameworks, sns.color_palette("deep", len(frameworks))))
+    for ax, workload in zip(axes[0], workloads):
+        part = summary[summary["workload"] == workload]
+        measured = part[part["status"] == "measured"]
+        ax.barh(measured["label"], measured["tokens_per_s"], color=[colors[f] for f in measured["label"]])
+        for y, value in enumerate(measured["tokens_per_s"]):
+            ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.2g}", va="center", fontsize=7)
+        ax.set_xlim(0, 1.25 * measured["tokens_per_s"].max())
+        ax.invert_yaxis()
+        ax.set_xlabel("generated tokens/s")
+        ax.set_title(workload)
+        skipped = part[part["status"] != "measured"]["label"].tolist()
+        if skipped:
+            ax.annotate("not run here: " + ", ".join(skipped), (0, -0.32), xycoords="axes fraction", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

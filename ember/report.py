@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,17 @@ def write_macros(target: str, values: dict[str, float | int | str | Fixed], digi
             value = f"{value:.{places}f}"
         lines.append(f"\\newcommand{{\\{name}}}{{{value}}}\n")
     return atomic_write(output_root() / "paper" / "generated" / f"{target}.tex", "".join(lines))
+
+
+def latex_escaped(table):
+    """The table (a pandas DataFrame) with LaTeX's special characters escaped in its text cells (`best_of_n` ->
+    `best\\_of\\_n`)."""
+    import pandas
+
+    def escape(value):
+        return re.sub(r"([&%$#_{}])", r"\\\1", value) if isinstance(value, str) else value
+
+    return table.apply(lambda column: column if pandas.api.types.is_numeric_dtype(column) else column.map(escape))
 
 
 def write_table(name: str, latex: str) -> Path:

@@ -28,21 +28,21 @@ from ember.report import atomic_write, run_manifest
 HBM_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
 
 
-def hf_twin(loaded, device, dtype):
+def hf_twin(ember_model, device, dtype):
     """A transformers model holding exactly the ember model's weights (no disk round trip)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_config = loaded.config.to_hf()
+    hf_config = ember_model.config.to_hf()
     config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
-    tied_ok = set(missing) <= {"lm_head.weight"} and loaded.config.tie_word_embeddings
+        twin = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = twin.load_state_dict(ember_model.state_dict(), strict=False)
+    tied_ok = set(missing) <= {"lm_head.weight"} and ember_model.config.tie_word_embeddings
     if unexpected or (missing and not tied_ok):
         raise ModelLoadError(f"HF twin weights: missing {missing}, unexpected {unexpected}")
-    if loaded.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    if ember_model.config.tie_word_embeddings:
+        twin.lm_head.weight = twin.model.embed_tokens.weight
+    return twin.eval()
 
 
 def _sync(device):
@@ -50,11 +50,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_hf(model, prompt, n, gen, device) -> dict:
-    """Prefill time (a 1-token generate) and full generate time of transformers, sampling at temperature 1."""
-    ids = torch.tensor([prompt], device=device)
+def time_hf(model, prompts, n, gen, device, **options) -> dict:
+    """Prefill time (a 1-token generate) and full generate time of transformers on equal-length prompts (each
+    with n samples), sampling at temperature 1; `options` go to `generate` (e.g. a static cache)."""
+    ids = torch.tensor(prompts, device=device)  # (P, T)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None)
+                  attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None, **options)
     with torch.inference_mode():
         _sync(device)
         began = time.perf_counter()
@@ -69,15 +70,17 @@ def time_hf(model, prompt, n, gen, device) -> dict:
     return {"prefill_s": prefill, "total_s": total, "generated_tokens": generated, "tokens_per_s": generated / total}
 
 
-def time_ember(engine, prompt, n, gen) -> dict:
+def time_ember(engine, prompts, n, gen) -> dict:
+    """Prefill, decode, sampling and total seconds of one `generate` of n samples per prompt, at temperature 1."""
     sampling = SamplingParams(temperature=1.0, max_tokens=gen, ignore_eos=True, seed=0)
-    result = engine.generate([prompt], n=n, sampling=sampling, progress=False)
+    result = engine.generate(prompts, n=n, sampling=sampling, progress=False)
     t = result.timings
     return {"prefill_s": t["prefill"], "decode_s": t["decode"], "sampling_s": t["sampling"], "total_s": t["total"],
             "generated_tokens": result.generated_tokens, "tokens_per_s": result.generated_tokens / t["total"]}
 
 
-def _median(runs: list[dict]) -> dict:
+def median_of_runs(runs: list[dict]) -> dict:
+    """The median of each field over repeated runs."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
@@ -130,7 +133,7 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
     loaded = load(model, dtype=dtype, device=device, seed=seed)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
                     prefix_cache=False)  # repeats of one prompt must not be served from the cache
-    hf = hf_twin(loaded, device, loaded.model.output_weight.dtype) if with_hf else None
+    hf = hf_twin(loaded.model, device, loaded.model.output_weight.dtype) if with_hf else None
     prompt = random_prompts(loaded.config.vocab_size, 1, context, seed)[0]
     params = {"model": model, "dtype": dtype, "context": context, "gen": gen, "candidates": candidates,
               "repeats": repeats, "with_hf": with_hf, "seed": seed, "lora_rank": lora_rank}
@@ -146,22 +149,22 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
             diff = (loaded.model(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
         report["max_logit_diff_vs_transformers"] = diff
     for n in candidates:
-        time_ember(engine, prompt, n, min(gen, 4))  # warm-up
-        case = {"candidates": n, "ember": _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)]),
+        time_ember(engine, [prompt], n, min(gen, 4))  # warm-up
+        case = {"candidates": n, "ember": median_of_runs([time_ember(engine, [prompt], n, gen) for _ in range(repeats)]),
                 "roofline": roofline(loaded, device, context, gen, n)}
         if names:  # the same generation with an adapter active
             engine.set_adapter(names[0])
-            time_ember(engine, prompt, n, min(gen, 4))  # warm-up (captures the graph over the slots once)
-            case["ember_lora"] = _median([time_ember(engine, prompt, n, gen) for _ in range(repeats)])
+            time_ember(engine, [prompt], n, min(gen, 4))  # warm-up (captures the graph over the slots once)
+            case["ember_lora"] = median_of_runs([time_ember(engine, [prompt], n, gen) for _ in range(repeats)])
             case["lora_tokens_per_s_vs_base"] = case["ember_lora"]["tokens_per_s"] / case["ember"]["tokens_per_s"]
             engine.set_adapter(None)
         if torch.device(device).type == "cuda":  # the same engine without CUDA graphs, to show what they buy
             eager = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
                            cuda_graphs=False, prefix_cache=False)
-            case["ember_eager"] = _median([time_ember(eager, prompt, n, gen) for _ in range(repeats)])
+            case["ember_eager"] = median_of_runs([time_ember(eager, [prompt], n, gen) for _ in range(repeats)])
         if hf is not None:
-            time_hf(hf, prompt, n, min(gen, 4), device)  # warm-up
-            case["transformers"] = _median([time_hf(hf, prompt, n, gen, device) for _ in range(repeats)])
+            time_hf(hf, [prompt], n, min(gen, 4), device)  # warm-up
+            case["transformers"] = median_of_runs([time_hf(hf, [prompt], n, gen, device) for _ in range(repeats)])
             case["speedup_tokens_per_s"] = case["ember"]["tokens_per_s"] / case["transformers"]["tokens_per_s"]
             case["speedup_prefill"] = case["transformers"]["prefill_s"] / case["ember"]["prefill_s"]
         report["cases"].append(case)

@@ -9,6 +9,7 @@ from ember.errors import ParamsError
 EXPERIMENTS = {
     "prefill_share": "ember.experiments.prefill_share",
     "budget_curves": "ember.experiments.budget_curves",
+    "cross_framework": "ember.experiments.cross_framework",
     "cumulative_cost": "ember.experiments.cumulative_cost",
     "equal_bytes": "ember.experiments.equal_bytes",
     "prefix_savings": "ember.experiments.prefix_savings",

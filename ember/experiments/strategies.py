@@ -6,7 +6,6 @@ rollout + update throughput end to end."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -16,7 +15,7 @@ from ember.experiments.cumulative_cost import summarize as summarize_policies
 from ember.experiments.cumulative_cost import with_cumulative
 from ember.experiments.rl_runs import POLICIES, RLParams, check_names, load_engine, prompt_sets, rl_cells, rl_store
 from ember.params import param
-from ember.report import Fixed, macro_name, report_dir
+from ember.report import Fixed, latex_escaped, macro_name, report_dir
 from ember.train import TRAINERS, TrainConfig, make_trainer
 from ember.train.sync import measure_sync
 
@@ -115,13 +114,6 @@ def macros(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame, ta
             values[macro_name(target, key, "sync x swap")] = float(row.sync_s / swap)
     return values
 
-
-def latex_escaped(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with LaTeX's special characters escaped in its text cells (`best_of_n` -> `best\\_of\\_n`)."""
-    def escape(value):
-        return re.sub(r"([&%$#_{}])", r"\\\1", value) if isinstance(value, str) else value
-
-    return table.apply(lambda column: column if pd.api.types.is_numeric_dtype(column) else column.map(escape))
 
 
 def latex_tables(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame) -> dict[str, str]:

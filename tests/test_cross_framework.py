@@ -1,0 +1,97 @@
+"""tab2: the cross-framework experiment. Rows for every framework and workload, measured or saying why not;
+the llama.cpp timing loop generates what it reports; llama.cpp on the F16 GGUF of ember's weights computes what
+ember computes (where llama-cpp-python is installed: `make llama-cpp`)."""
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+
+from ember.errors import ParamsError
+from ember.experiments import cross_framework
+from ember.params import load_params
+
+
+def test_smoke_rows_measure_or_say_why():
+    params = load_params("tab2", "smoke", "")
+    df, provenance = cross_framework.run(params, progress=False)
+    assert list(zip(df["framework"], df["workload"])) == list(itertools.product(params.frameworks,
+                                                                                ("batch-1", "rollout")))
+    measured = df[df["status"] == "measured"]
+    assert set(measured["framework"]) == {"ember", "transformers"}
+    rollout = measured[measured["workload"] == "rollout"]
+    expected = params.rollout_prompts * params.rollout_candidates * params.gen
+    assert (rollout["generated_tokens"] == expected).all()
+    assert (measured["tokens_per_s"] > 0).all()
+    skipped = df[df["status"] == "not run"]
+    assert (skipped["reason"].str.len() > 0).all()
+    assert skipped[skipped["framework"] == "llama_cpp_f16"]["reason"].str.contains("not a package model").all()
+    summary = cross_framework.summarize(df)
+    ember = summary[summary["framework"] == "ember"]
+    assert (ember["ember_speedup"] == 1).all()
+    latex = cross_framework.latex_table(summary)
+    assert "vLLM" in latex and "published" in latex
+    assert all(name.startswith("tabTwo") for name in cross_framework.macros(summary))
+
+
+def test_duplicate_frameworks_are_refused():
+    with pytest.raises(ParamsError, match="each framework once"):
+        load_params("tab2", "smoke", "frameworks=[ember,ember]")
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: records resets and prompts evaluated, yields token ids forever."""
+
+    def __init__(self):
+        self.resets, self.evaluated, self.generations = 0, [], 0
+
+    def reset(self):
+        self.resets += 1
+
+    def eval(self, tokens):
+        self.evaluated.append(list(tokens))
+
+    def generate(self, tokens, **sampling):
+        assert sampling["temp"] == 1.0 and sampling["top_k"] == 0
+        self.generations += 1
+        yield from itertools.count(5)
+
+
+def test_llama_cpp_timing_generates_what_it_counts():
+    fake, prompts = FakeLlama(), [[1, 2, 3], [4, 5, 6]]
+    timings = cross_framework.time_llama_cpp(fake, prompts, n=3, gen=7)
+    assert timings["generated_tokens"] == 2 * 3 * 7
+    assert fake.generations == 6 and fake.evaluated == prompts  # prefill timed once per prompt
+    assert fake.resets == 4  # before each prefill and before each prompt's candidates
+
+
+def test_compile_options_compile_on_cpu_too():
+    options = cross_framework.compile_options("cpu")
+    assert options["cache_implementation"] == "static"
+    assert options["compile_config"]._compile_all_devices
+
+
+def test_llama_cpp_has_no_gpu_row():
+    params = load_params("tab2", "smoke", "")
+    with pytest.raises(cross_framework.Unavailable, match="built for the CPU"):
+        cross_framework._runner("llama_cpp_f16", params, engine=None, device="cuda")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (`make llama-cpp` builds it)")
+def test_llama_cpp_f16_computes_what_ember_computes(package_model):
+    from ember.engine import Engine
+
+    name = "smollm2-135m-instruct"
+    package_model(name)
+    engine = Engine.load(name, prefix_cache=False)
+    prompt = engine.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    with torch.inference_mode():
+        ember_logits = engine.model(torch.tensor([prompt]))[0, -1].float()  # (V,)
+    llm = cross_framework.load_llama_cpp(cross_framework.llama_cpp_files(name)["f16"], 128, 0, logits_all=True)
+    llm.reset()
+    llm.eval(prompt)
+    llama_logits = torch.tensor(llm.scores[llm.n_tokens - 1][: ember_logits.numel()])
+    assert int(llama_logits.argmax()) == int(ember_logits.argmax())
+    assert (llama_logits - ember_logits).abs().max() < 0.05 * ember_logits.abs().max()

@@ -2,13 +2,14 @@
 the llama.cpp timing loop generates what it reports; llama.cpp on the F16 GGUF of ember's weights computes what
 ember computes (where llama-cpp-python is installed: `make llama-cpp`)."""
 
+import dataclasses
 import importlib.util
 import itertools
 
 import pytest
 import torch
 
-from ember.errors import ParamsError
+from ember.errors import ParamsError, ReportError
 from ember.experiments import cross_framework
 from ember.params import load_params
 
@@ -33,6 +34,19 @@ def test_smoke_rows_measure_or_say_why():
     latex = cross_framework.latex_table(summary)
     assert "vLLM" in latex and "published" in latex
     assert all(name.startswith("tabTwo") for name in cross_framework.macros(summary))
+
+
+def test_a_stopped_run_resumes_with_the_rows_it_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    params = load_params("tab2", "smoke", "frameworks=[ember,vllm] time_budget_s=0.000001")
+    with pytest.raises(ReportError, match="1 of 4 cells finished"):
+        cross_framework.run(params, progress=False)
+    calls = []
+    real = cross_framework._ember
+    monkeypatch.setattr(cross_framework, "_ember", lambda *a: calls.append(a[2]) or real(*a))
+    df, _ = cross_framework.run(dataclasses.replace(params, time_budget_s=0.0), progress=False)
+    assert len(df) == 4 and list(df["status"]) == ["measured", "measured", "not run", "not run"]
+    assert [len(prompts) for prompts in calls] == [params.rollout_prompts]  # batch-1 was kept, not re-measured
 
 
 def test_duplicate_frameworks_are_refused():

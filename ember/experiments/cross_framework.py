@@ -7,6 +7,7 @@ A framework that cannot run here gets a row that says why, and its published num
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ember.bench.generate import hf_twin, median_of_runs, time_ember, time_hf
 from ember.engine import Engine
 from ember.errors import ParamsError
+from ember.experiments.cells import CellStore
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.params import RunParams, param
 from ember.report import latex_escaped, macro_name
@@ -71,6 +72,7 @@ class Params(RunParams):
     gen: int = param(16, low=1)  # generated tokens per candidate
     rollout_prompts: int = param(2, low=1)
     rollout_candidates: int = param(2, low=1)
+    time_budget_s: float = param(0.0, low=0.0)  # stop (resumable: finished rows are kept) after this many s
 
     def validate(self) -> None:
         super().validate()
@@ -205,34 +207,36 @@ def _runner(name: str, params: Params, engine, device):
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
-    """One row per framework x workload x repeat-median: seconds, tokens/s, compile seconds, or why not run."""
+    """One row per framework and workload (a median over repeats): seconds, tokens/s, compile seconds, or why it
+    did not run. Each row is a stored cell, so a run stopped by `time_budget_s` resumes where it stopped."""
     device = resolve_device(params.device)
+    store = CellStore(dataclasses.replace(params, device=device), params.time_budget_s)  # CPU, GPU cells apart
     batch = params.rollout_prompts * params.rollout_candidates
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed,
-                         max_batch_size=max(batch, 1), prefix_cache=False, progress=False)
+                         max_batch_size=batch, prefix_cache=False, progress=False)
     prompts = random_prompts(engine.model.config.vocab_size, params.rollout_prompts, params.context, params.seed)
-    rows = []
-    bar = tqdm(total=len(params.frameworks) * 2, desc=params.target, disable=None if progress is None else not progress)
-    for name in params.frameworks:
-        base = {"framework": name, "label": LABELS[name], "caveat": CAVEATS[name]}
-        try:
-            measure = _runner(name, params, engine, device)
-        except Unavailable as why:
-            for workload, count, n in workloads(params):
-                rows.append({**base, "workload": workload, "prompts": count, "candidates": n, "status": "not run",
-                             "reason": str(why), "caveat": PUBLISHED.get(name, "")})
-                bar.update()
-            continue
+    runners: dict[str, object] = {}  # framework -> its measure function, or why it cannot run
+
+    def row(name: str, workload: str, count: int, n: int) -> pd.DataFrame:
+        if name not in runners:
+            try:
+                runners[name] = _runner(name, params, engine, device)
+            except Unavailable as why:
+                runners[name] = why
+        base = {"framework": name, "label": LABELS[name], "workload": workload, "prompts": count, "candidates": n,
+                "context": params.context, "gen": params.gen, "device": str(device)}
+        measure = runners[name]
+        if isinstance(measure, Unavailable):
+            return pd.DataFrame([{**base, "status": "not run", "reason": str(measure),
+                                  "caveat": PUBLISHED.get(name, "")}])
         with cold_compile_caches() if name == "transformers_compiled" else nullcontext():
-            for workload, count, n in workloads(params):
-                timings, compile_s = measure(prompts[:count], n)
-                rows.append({**base, "workload": workload, "prompts": count, "candidates": n,
-                             "status": "measured", "reason": "", **timings, "compile_s": compile_s})
-                bar.update()
-    bar.close()
-    df = pd.DataFrame(rows)
-    df["context"], df["gen"], df["device"] = params.context, params.gen, str(device)
-    return df, engine.provenance
+            timings, compile_s = measure(prompts[:count], n)
+        return pd.DataFrame([{**base, "status": "measured", "reason": "", "caveat": CAVEATS[name], **timings,
+                              "compile_s": compile_s}])
+
+    cells = {f"{name}/{workload}": (lambda a=(name, workload, count, n): row(*a))
+             for name in params.frameworks for workload, count, n in workloads(params)}
+    return store.run(cells, progress), {**engine.provenance, "run_key": store.run_key}
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

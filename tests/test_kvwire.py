@@ -277,3 +277,14 @@ def test_precision_groups_with_drops_and_a_layer_schedule():
     assert len(blob) < len(pack(_payload(layers=3, tokens=6, context=6), WireConfig("fp16")))
     with pytest.raises(KVWireError, match="groups"):
         payload_from_groups(full.k, full.v, ["int2"] * 6)
+
+
+def test_blob_checksum_is_zlib_crc32():
+    """The fast CRC (ISA-L when installed) is the format's CRC-32: the blob's last four bytes equal zlib's CRC of
+    everything before them (the slow reference), for a blob packed from several sections."""
+    from ember.kv.wire import CHECKSUM_BYTES
+
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 37, 8).half(), torch.randn(3, 2, 37, 8).half()
+    blob = pack(KVPayload(k, v, torch.arange(37), 40), WireConfig("int4", "token", block_tokens=4))
+    assert int.from_bytes(blob[-CHECKSUM_BYTES:], "little") == zlib.crc32(blob[:-CHECKSUM_BYTES])

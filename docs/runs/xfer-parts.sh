@@ -17,7 +17,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/js" "$stage/wheels"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$stage/js" \
-  jsonschema jsonschema-specifications referencing rpds-py zstandard pytest pluggy iniconfig
+  jsonschema jsonschema-specifications referencing rpds-py zstandard isal pytest pluggy iniconfig
 "$PY" -m pip download -q --no-deps -d "$stage/wheels" gguf
 for model in "$@"; do
   "$PY" - "$model" > "$stage/requirements.txt" <<'PYEOF'

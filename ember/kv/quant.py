@@ -98,25 +98,25 @@ def _expand(scale: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec) -> tor
 
 
 def _group_reduce(x: torch.Tensor, spec: QuantSpec, role: str, op) -> torch.Tensor:
-    """Reduce x (..., H, T, D) with `op` ('amax' / 'amin') over each scale group, in float32."""
+    """Reduce x (..., H, T, D) with `op` ('amax' / 'amin') over each scale group; the result in float32 (a max or
+    min is one of the values, so reducing in x's own dtype and widening after is exact)."""
     shape = x.shape
-    x = x.float()
     reduce = getattr(torch, op)
     if spec.granularity == "tensor":
-        return reduce(x).reshape((1,) * len(shape))
+        return reduce(x).reshape((1,) * len(shape)).float()
     if spec.granularity == "layer":
-        return reduce(x, dim=(-3, -2, -1), keepdim=True)
+        return reduce(x, dim=(-3, -2, -1), keepdim=True).float()
     if spec.granularity == "head":
-        return reduce(x, dim=(-2, -1), keepdim=True)
+        return reduce(x, dim=(-2, -1), keepdim=True).float()
     if spec.granularity == "kivi":
-        return reduce(x, dim=-2 if role == "k" else -1, keepdim=True)
+        return reduce(x, dim=-2 if role == "k" else -1, keepdim=True).float()
     block = spec.block_tokens
     tokens = shape[-2]
     pad = (-tokens) % block
     if pad:  # pad with copies of the last token so padding never changes a block's max / min
         x = torch.cat([x, x[..., -1:, :].expand(*shape[:-2], pad, shape[-1])], dim=-2)
     x = x.reshape(*shape[:-2], (tokens + pad) // block, block * shape[-1])
-    return reduce(x, dim=-1, keepdim=True)
+    return reduce(x, dim=-1, keepdim=True).float()
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -162,31 +162,31 @@ def quantize(x: torch.Tensor, spec: QuantSpec, role: str = "k", stats: tuple | N
     """
     if spec.scheme == "fp16":
         return Quantized(x, None)
-    xf = x.float()
+    xf = x.to(torch.float32, copy=True)  # worked on in place below (one float32 buffer, never the caller's x)
     stats = group_stats(x, spec, role) if stats is None else tuple(s.float() for s in stats)
     if spec.has_offset:
         levels = 2 ** BITS[spec.scheme] - 1
         low = _round_down(stats[0], spec.scale_dtype)
         high = stats[1]
         scale = _round_up((high - low.float()) / levels, spec.scale_dtype)
-        shifted = (xf - _expand(low.float(), x.shape, spec)) / _expand(scale.float(), x.shape, spec)
-        codes = torch.round(shifted).clamp(0, levels).to(torch.uint8)
+        shifted = xf.sub_(_expand(low.float(), x.shape, spec)).div_(_expand(scale.float(), x.shape, spec))
+        codes = shifted.round_().clamp_(0, levels).to(torch.uint8)
         return Quantized(codes, scale, low)
     peak = stats[0]
     if spec.scheme in ("int8", "int4"):
         qmax = 2 ** (BITS[spec.scheme] - 1) - 1
         scale = _round_up(peak / qmax, spec.scale_dtype)
-        codes = torch.round(xf / _expand(scale.float(), x.shape, spec)).clamp(-qmax, qmax).to(torch.int8)
+        codes = xf.div_(_expand(scale.float(), x.shape, spec)).round_().clamp_(-qmax, qmax).to(torch.int8)
     elif spec.scheme == "nf4":
         scale = _round_up(peak, spec.scale_dtype)
-        normed = xf / _expand(scale.float(), x.shape, spec)  # in [-1, 1]
+        normed = xf.div_(_expand(scale.float(), x.shape, spec))  # in [-1, 1]
         levels = NF4_LEVELS.to(x.device)
         # nearest level via midpoints: searchsorted is vectorized and needs no (.., 16) temporary
         midpoints = (levels[1:] + levels[:-1]) / 2
-        codes = torch.searchsorted(midpoints, normed.contiguous()).to(torch.uint8)
+        codes = torch.searchsorted(midpoints, normed).to(torch.uint8)
     else:  # fp8 e4m3
         scale = _round_up(peak / FP8_MAX, spec.scale_dtype)
-        scaled = (xf / _expand(scale.float(), x.shape, spec)).clamp(-FP8_MAX, FP8_MAX)
+        scaled = xf.div_(_expand(scale.float(), x.shape, spec)).clamp_(-FP8_MAX, FP8_MAX)
         codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
     return Quantized(codes, scale)
 
@@ -198,9 +198,9 @@ def dequantize(q: Quantized, spec: QuantSpec, dtype: torch.dtype = torch.float16
     shape = q.codes.shape
     scale = _expand(q.scale.float(), shape, spec)
     if spec.has_offset:
-        values = q.codes.float() * scale + _expand(q.offset.float(), shape, spec)
+        values = (q.codes * scale).add_(_expand(q.offset.float(), shape, spec))  # codes widen to float32 exactly
     elif spec.scheme in ("int8", "int4"):
-        values = q.codes.float() * scale
+        values = q.codes * scale
     elif spec.scheme == "nf4":
         values = NF4_LEVELS.to(q.codes.device)[q.codes.long()] * scale
     else:

@@ -13,11 +13,16 @@ precision code, K before V; every size follows from the header and the map, so t
 from __future__ import annotations
 
 import struct
-import zlib
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy
 import torch
+
+try:  # CRC-32 (zlib's polynomial) with SIMD, several times zlib's speed; the same checksum either way
+    from isal.isal_zlib import crc32
+except ImportError:  # a machine without the wheel (an offline GPU box) falls back to zlib
+    from zlib import crc32
 
 from ember.errors import KVWireError
 from ember.kv.quant import SCALE_DTYPES, Quantized, QuantSpec, all_finite, dequantize, group_stats, pack_nibbles
@@ -202,11 +207,12 @@ def _segment_sizes(config: WireConfig, heads: int, head_dim: int, code: int, cou
     return _section_sizes(config, heads, head_dim, [(0, code, count)])
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a view (no copy on the CPU): pack joins the views into the blob once."""
+    return memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
-def _encode_codes(q: Quantized, precision: str) -> bytes:
+def _encode_codes(q: Quantized, precision: str) -> memoryview:
     if precision in ("int4", "nf4"):
         return _tensor_bytes(pack_nibbles(q.codes, signed=q.codes.dtype == torch.int8))
     return _tensor_bytes(q.codes)
@@ -251,24 +257,27 @@ def pack(payload: KVPayload, config: WireConfig) -> bytes:
         lp = payload.layer_precision if payload.layer_precision is not None else torch.zeros(layers)
         tp = payload.token_precision if payload.token_precision is not None else \
             torch.full((tokens,), PRECISION_CODES[config.scheme])
-        maps = _tensor_bytes(lp.to(torch.uint8)) + _tensor_bytes(tp.to(torch.uint8))
+        maps = bytes(_tensor_bytes(lp.to(torch.uint8))) + bytes(_tensor_bytes(tp.to(torch.uint8)))
     payload_len, scale_len = sum(map(len, body_payload)), sum(map(len, body_scales))
-    body = b"".join([indices, maps, *body_payload, *body_scales])  # one copy of the sections
-    stored = _zstd().ZstdCompressor(level=3).compress(body) if config.zstd else body
+    sections = [indices, maps, *body_payload, *body_scales]
+    stored = [_zstd().ZstdCompressor(level=3).compress(b"".join(sections))] if config.zstd else sections
+    stored_len = sum(map(len, stored))
     flags = (FLAG_INDEX32 if width == 4 else 0) | (FLAG_MAP if has_map else 0) | \
         (FLAG_ZSTD if config.zstd else 0) | (0 if config.symmetric else FLAG_ASYMMETRIC)
     header = HEADER.pack(MAGIC, VERSION, flags, PRECISION_CODES[config.scheme], GRANULARITY_CODES[config.granularity],
                          DTYPE_CODES[config.scale_dtype], DTYPE_CODES[config.value_dtype], layers, heads, dim,
                          config.block_tokens, tokens, payload.context_len, len(indices), len(maps),
-                         payload_len, scale_len, len(stored))
-    checksum = zlib.crc32(stored, zlib.crc32(header))  # CRC of header + body without joining them first
-    return b"".join([header, stored, struct.pack("<I", checksum)])
+                         payload_len, scale_len, stored_len)
+    checksum = crc32(header)
+    for section in stored:  # CRC of header + body, section by section
+        checksum = crc32(section, checksum)
+    return b"".join([header, *stored, struct.pack("<I", checksum)])  # the one copy of every section
 
 
 def _scale_bytes(q: Quantized) -> bytes:
     if q.scale is None:
         return b""
-    return _tensor_bytes(q.scale) + (b"" if q.offset is None else _tensor_bytes(q.offset))
+    return bytes(_tensor_bytes(q.scale)) + (b"" if q.offset is None else bytes(_tensor_bytes(q.offset)))
 
 
 def _select(tensor: torch.Tensor, layer: int, idx) -> torch.Tensor:
@@ -400,7 +409,7 @@ def inspect(blob: bytes) -> WireInfo:
     if idx_len + map_len + pay_len + scale_len > LIMITS["body"]:
         raise KVWireError(f"body: expected at most {LIMITS['body']} bytes, found {idx_len + map_len + pay_len + scale_len}")
     (stored_crc,) = struct.unpack_from("<I", blob, len(blob) - CHECKSUM_BYTES)
-    checksum_ok = zlib.crc32(memoryview(blob)[:-CHECKSUM_BYTES]) == stored_crc
+    checksum_ok = crc32(memoryview(blob)[:-CHECKSUM_BYTES]) == stored_crc
     breakdown = {"header": HEADER.size, "indices": idx_len, "map": map_len, "payload": pay_len, "scales": scale_len,
                  "checksum": CHECKSUM_BYTES, "stored_body": stored_len, "total": len(blob)}
     return WireInfo(config, layers, heads, dim, tokens, context_len, width, has_map, breakdown, checksum_ok)
@@ -493,8 +502,9 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
     points and values."""
     heads, dim, vdtype = info.heads, info.head_dim, VALUE_DTYPES[config.value_dtype]
     sdtype = SCALE_DTYPES[config.scale_dtype]
-    k = torch.zeros((info.layers, heads, info.tokens, dim), dtype=vdtype, device=device)  # (L, H, T, D)
-    v = torch.zeros_like(k)
+    # (L, H, T, D), not zeroed: the segments cover every layer's tokens exactly once (see _segments)
+    k = torch.empty((info.layers, heads, info.tokens, dim), dtype=vdtype, device=device)
+    v = torch.empty_like(k)
     offset, scale_cursor = 0, info.breakdown["payload"]
 
     def take_scales(count: int, where: str):
@@ -520,9 +530,8 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
         for r, (role, target) in enumerate((("k", k), ("v", v))):
             where = f"{role.upper()}, layer {layer}"
             size = _payload_bytes(name, count)
-            raw = bytearray(data[offset:offset + size])
+            codes = _decode_codes(data, offset, size, name, spec, count, vdtype).to(device).reshape(heads, tokens, dim)
             offset += size
-            codes = _decode_codes(raw, name, spec, count, vdtype).to(device).reshape(heads, tokens, dim)
             if name == "fp16":
                 scale = offset_t = None
             elif shared:
@@ -539,10 +548,14 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
     return k, v
 
 
-def _decode_codes(raw: bytearray, name: str, spec: QuantSpec, count: int, vdtype) -> torch.Tensor:
-    if not raw:
+def _decode_codes(section, offset: int, size: int, name: str, spec: QuantSpec, count: int, vdtype) -> torch.Tensor:
+    """One segment's codes, read in place from `section` (bytes [offset, offset + size)); only read, never
+    written: every path below makes new tensors from them (fp16 values are copied into K/V by the caller)."""
+    if not size:
         return torch.zeros(0, dtype=torch.uint8)
-    data = torch.frombuffer(raw, dtype=torch.uint8)
+    with warnings.catch_warnings():  # a read-only blob: torch warns that its tensors must not be written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        data = torch.frombuffer(section, dtype=torch.uint8, count=size, offset=offset)
     if name == "fp16":
         return data.view(vdtype)
     if name in ("int4", "nf4"):

@@ -150,12 +150,15 @@ def _checkout_state() -> dict:
     return {"sha": _git("rev-parse", "HEAD"), "dirty": _git("status", "--porcelain", "--untracked-files=no") != ""}
 
 
+RESULTS_DIR = "docs/runs/"  # committed results, not code: a shipped copy may leave them behind (a smaller tree)
+
+
 def stamp_tree() -> dict:
-    """Write the checkout's git SHA, dirty flag and a hash of its tracked files into .ember-sha (atomically),
-    for runs made on a copy of the tree. Returns the git state."""
+    """Write the checkout's git SHA, dirty flag and a hash of its tracked files (all but the committed results
+    under docs/runs/) into .ember-sha (atomically), for runs made on a copy of the tree. Returns the git state."""
     try:
         state = _checkout_state()
-        files = _git("ls-files").splitlines()
+        files = [path for path in _git("ls-files").splitlines() if not path.startswith(RESULTS_DIR)]
     except (OSError, subprocess.SubprocessError) as error:
         raise ReportError(f"stamp: expected a git checkout at {REPO_ROOT}, found none ({error})") from error
     stamp = {**state, "files": files, "tree_hash": _tree_hash(files)}

@@ -8,6 +8,7 @@
 # travels with it and both count towards the 64 MiB a call may carry, so each part is 64 MiB less the tree.
 # Tracked files moved aside do not count: with docs/runs (most of the tree's bytes) moved out of the checkout
 # while the parts are built and sent, there are fewer, larger parts (`git checkout docs/runs` brings it back).
+# The stamp (`make stamp`, made before moving it) does not cover docs/runs, so runs on the copy keep their SHA.
 # Then `XFER=/tmp/x bash docs/runs/fig7-paper.sh setup MODEL...` on the GPU machine unpacks and installs.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 MODEL..." >&2; exit 2; }

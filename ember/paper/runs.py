@@ -34,9 +34,10 @@ class Target:
 
 
 # fig2 rollout time decomposition, fig3 cumulative cost, fig4 update locality, fig5 stale K/V, fig6 prefix
-# savings, fig7 budget curves, fig8 regime map, tab1 strategies, tab3 head-to-head at equal bytes
+# savings, fig7 budget curves, fig8 regime map, tab1 strategies, tab2 cross-framework throughput, tab3
+# head-to-head at equal bytes
 CATALOG = {t.name: t for t in (Target("fig2"), Target("fig3"), Target("fig4"), Target("fig5"), Target("fig6"),
-                               Target("fig7"), Target("fig8"), Target("tab1"),
+                               Target("fig7"), Target("fig8"), Target("tab1"), Target("tab2"),
                                Target("tab3"))}
 
 
@@ -98,6 +99,12 @@ def _tab1(df, params):
                              strategies.stack_table(df, params))
 
 
+def _tab2(df, params):
+    from ember.experiments import cross_framework
+
+    return cross_framework.macros(cross_framework.summarize(df))
+
+
 def _tab3(df, params):
     from ember.experiments import equal_bytes
 
@@ -106,7 +113,7 @@ def _tab3(df, params):
 
 # target -> (df, params) -> macros: what notebooks/<target>_*.ipynb passes to publish(macros=...)
 MACRO_WRITERS = {"fig2": _fig2, "fig3": _fig3, "fig4": _fig4, "fig5": _fig5, "fig6": _fig6, "fig7": _fig7,
-                 "fig8": _fig8, "tab1": _tab1, "tab3": _tab3}
+                 "fig8": _fig8, "tab1": _tab1, "tab2": _tab2, "tab3": _tab3}
 
 
 def run_params(manifest: dict):

@@ -307,7 +307,8 @@ def cross_framework_bars(summary, title: str):
         ax.barh(measured["label"], measured["tokens_per_s"], color=[colors[f] for f in measured["label"]])
         for y, value in enumerate(measured["tokens_per_s"]):
             ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.2g}", va="center", fontsize=7)
-        ax.set_xlim(0, 1.25 * measured["tokens_per_s"].max())
+        if len(measured):
+            ax.set_xlim(0, 1.25 * measured["tokens_per_s"].max())
         ax.invert_yaxis()
         ax.set_xlabel("generated tokens/s")
         ax.set_title(workload)

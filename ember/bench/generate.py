@@ -53,6 +53,9 @@ def _sync(device):
 def time_hf(model, prompts, n, gen, device, **options) -> dict:
     """Prefill time (a 1-token generate) and full generate time of transformers on equal-length prompts (each
     with n samples), sampling at temperature 1; `options` go to `generate` (e.g. a static cache)."""
+    if len({len(prompt) for prompt in prompts}) != 1:
+        raise ValueError(f"time_hf: expected prompts of one length (no padding), found lengths "
+                         f"{sorted({len(prompt) for prompt in prompts})}")
     ids = torch.tensor(prompts, device=device)  # (P, T)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
                   attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None, **options)
@@ -149,21 +152,22 @@ def run(model: str, dtype: str, device: str, context: int, gen: int, candidates:
             diff = (loaded.model(ids).float() - hf(input_ids=ids).logits.float()).abs().max().item()
         report["max_logit_diff_vs_transformers"] = diff
     for n in candidates:
-        time_ember(engine, [prompt], n, min(gen, 4))  # warm-up
+        time_ember(engine, [prompt], n, gen)  # warm-up at the timed length (its CUDA graph)
         case = {"candidates": n, "ember": median_of_runs([time_ember(engine, [prompt], n, gen) for _ in range(repeats)]),
                 "roofline": roofline(loaded, device, context, gen, n)}
         if names:  # the same generation with an adapter active
             engine.set_adapter(names[0])
-            time_ember(engine, [prompt], n, min(gen, 4))  # warm-up (captures the graph over the slots once)
+            time_ember(engine, [prompt], n, gen)  # warm-up (captures the graph over the slots at the timed length)
             case["ember_lora"] = median_of_runs([time_ember(engine, [prompt], n, gen) for _ in range(repeats)])
             case["lora_tokens_per_s_vs_base"] = case["ember_lora"]["tokens_per_s"] / case["ember"]["tokens_per_s"]
             engine.set_adapter(None)
         if torch.device(device).type == "cuda":  # the same engine without CUDA graphs, to show what they buy
             eager = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(candidates), progress=False,
                            cuda_graphs=False, prefix_cache=False)
+            time_ember(eager, [prompt], n, gen)  # warm-up
             case["ember_eager"] = median_of_runs([time_ember(eager, [prompt], n, gen) for _ in range(repeats)])
         if hf is not None:
-            time_hf(hf, [prompt], n, min(gen, 4), device)  # warm-up
+            time_hf(hf, [prompt], n, gen, device)  # warm-up
             case["transformers"] = median_of_runs([time_hf(hf, [prompt], n, gen, device) for _ in range(repeats)])
             case["speedup_tokens_per_s"] = case["ember"]["tokens_per_s"] / case["transformers"]["tokens_per_s"]
             case["speedup_prefill"] = case["transformers"]["prefill_s"] / case["ember"]["prefill_s"]

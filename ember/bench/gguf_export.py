@@ -1,5 +1,6 @@
-"""Write ember's weights as an F16 GGUF that llama.cpp reads, so a llama.cpp row of tab2 runs at the precision of
-the ember row (package weights are bf16, which f16 holds exactly at weight magnitudes).
+"""Write ember's weights as a GGUF that llama.cpp reads, in F32 or F16, so a llama.cpp row of tab2 runs on the
+very weights of the ember row and in its dtype (package weights are bf16 values: F32 holds them exactly, F16
+does at weight magnitudes, and the writer checks that it does).
 
 The metadata (architecture hyperparameters, tokenizer, chat template) is copied from the package's source GGUF;
 the tensors come from ember's safetensors, renamed to llama.cpp's names. llama-architecture models store Q and K
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 
 from ember.errors import ModelLoadError
 
-MOSTLY_F16 = 1  # llama.cpp's file type code for "all 2-D tensors in F16"
+FILE_TYPES = {"f32": 0, "f16": 1}  # llama.cpp's file type codes: all tensors F32 / 2-D tensors in F16
+MATRIX_DTYPES = {"f32": np.float32, "f16": np.float16}
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -50,11 +52,14 @@ def interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_f16_gguf(model_folder: Path, source_gguf: Path, out: Path) -> Path:
-    """An F16 GGUF at `out` holding the safetensors weights of `model_folder` and the metadata of `source_gguf`
-    (the package GGUF the folder was converted from). Written to a temporary file, then renamed."""
+def write_gguf(model_folder: Path, source_gguf: Path, out: Path, kind: str = "f16") -> Path:
+    """A GGUF at `out` holding the safetensors weights of `model_folder` (matrices in `kind`, 'f32' or 'f16';
+    vectors in F32) and the metadata of `source_gguf` (the package GGUF the folder was converted from). A weight
+    F16 cannot hold exactly raises ModelLoadError (write 'f32' then). Written to a temporary file, then renamed."""
     import gguf
 
+    if kind not in FILE_TYPES:
+        raise ModelLoadError(f"GGUF kind: expected one of {sorted(FILE_TYPES)}, found {kind!r}")
     reader = gguf.GGUFReader(str(source_gguf))
     architecture = reader.fields["general.architecture"].contents()
     state = load_file(str(Path(model_folder) / "model.safetensors"))
@@ -69,10 +74,10 @@ def write_f16_gguf(model_folder: Path, source_gguf: Path, out: Path) -> Path:
             continue  # the writer adds these itself
         if field.name == "general.file_type":
             continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
-    writer.add_file_type(MOSTLY_F16)
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    writer.add_file_type(FILE_TYPES[kind])
     for tensor in reader.tensors:
         name = ember_name(tensor.name)
         if name not in state:
@@ -80,7 +85,12 @@ def write_f16_gguf(model_folder: Path, source_gguf: Path, out: Path) -> Path:
         weight = state[name].to(torch.float32).numpy()  # (out, in) or (n,)
         if architecture == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             weight = interleave_rotary(weight, heads if "attn_q" in tensor.name else kv_heads)
-        writer.add_tensor(tensor.name, weight.astype(np.float16 if weight.ndim == 2 else np.float32))
+        with np.errstate(over="ignore"):  # an overflow is caught by the exactness check below
+            stored = weight.astype(MATRIX_DTYPES[kind] if weight.ndim == 2 else np.float32)
+        if not np.array_equal(stored.astype(np.float32), weight):
+            raise ModelLoadError(f"{model_folder}: {name} has values {kind.upper()} does not hold exactly (beyond "
+                                 f"its range or precision); write an 'f32' GGUF")
+        writer.add_tensor(tensor.name, stored)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -8,12 +8,13 @@ A framework that cannot run here gets a row that says why, and its published num
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,22 +27,24 @@ from ember.errors import ParamsError
 from ember.experiments.cells import CellStore
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.params import RunParams, param
-from ember.report import latex_escaped, macro_name
+from ember.report import device_info, latex_escaped, macro_name
 
-FRAMEWORKS = ("ember", "transformers", "transformers_compiled", "llama_cpp_f16", "llama_cpp_quant", "vllm",
+FRAMEWORKS = ("ember", "transformers", "transformers_compiled", "llama_cpp_ember", "llama_cpp_quant", "vllm",
               "sglang")
 LABELS = {"ember": "ember", "transformers": "transformers (eager)",
           "transformers_compiled": "transformers (static cache + torch.compile)",
-          "llama_cpp_f16": "llama.cpp (F16 GGUF of ember's weights)", "llama_cpp_quant": "llama.cpp (package GGUF)",
+          "llama_cpp_ember": "llama.cpp (GGUF of ember's weights)", "llama_cpp_quant": "llama.cpp (package GGUF)",
           "vllm": "vLLM", "sglang": "SGLang"}
 CAVEATS = {
-    "ember": "prompt prefilled once for its n candidates; CUDA graphs on GPU",
-    "transformers": "generate() with num_return_sequences: the prompt is prefilled once per candidate",
-    "transformers_compiled": "tokens/s after the compile, which starts from empty compile caches; each new batch "
-                             "shape compiles again",
-    "llama_cpp_f16": "llama-cpp-python decodes one sequence at a time; a prompt's K/V is reused by its next "
-                     "candidate (prefix match)",
-    "llama_cpp_quant": "as the F16 row, on the quantized weights ember's were converted from (other numbers)",
+    "ember": "prefill: each prompt once for its n candidates; CUDA graphs on GPU",
+    "transformers": "generate() with num_return_sequences; prefill: a 1-token generate, each prompt once per "
+                    "candidate",
+    "transformers_compiled": "static cache, compiled per workload in a fresh process state (empty on-disk compile "
+                             "caches, static shapes); tokens/s after the compile",
+    "llama_cpp_ember": "a GGUF of ember's weights in the run's dtype (F32 or F16); llama-cpp-python decodes one "
+                       "sequence at a time, a prompt's K/V reused by its next candidate; prefill: each prompt "
+                       "once, one after another",
+    "llama_cpp_quant": "as the row above, on the quantized weights ember's were converted from (other numbers)",
     "vllm": "", "sglang": "",
 }
 # Published numbers (ANCHORS.md), cited where the framework cannot run here; never ember's measurements.
@@ -52,8 +55,8 @@ PUBLISHED = {
               "throughput setting",
 }
 WHY_NOT = {
-    "vllm": "not installed: its wheels pin their own CUDA torch build, not the torch 2.13.0 ember pins, and the "
-            "GPU machine cannot fetch or carry that stack",
+    "vllm": f"not installed: its wheels pin their own CUDA torch build, not the torch {torch.__version__} ember "
+            f"runs on, and the GPU machine cannot fetch or carry that stack",
     "sglang": "not installed: it needs vLLM-style CUDA kernels and its own torch pin, as vLLM",
 }
 
@@ -66,7 +69,7 @@ class Unavailable(Exception):
 class Params(RunParams):
     """Frameworks and the two workloads of tab2."""
 
-    frameworks: tuple[str, ...] = param(("ember", "transformers", "llama_cpp_f16", "vllm", "sglang"),
+    frameworks: tuple[str, ...] = param(("ember", "transformers", "llama_cpp_ember", "vllm", "sglang"),
                                         choices=FRAMEWORKS)
     context: int = param(64, low=1)  # prompt tokens
     gen: int = param(16, low=1)  # generated tokens per candidate
@@ -85,26 +88,44 @@ def workloads(params: Params) -> list[tuple[str, int, int]]:
     return [("batch-1", 1, 1), ("rollout", params.rollout_prompts, params.rollout_candidates)]
 
 
-def _ember(engine, params, prompts, n, device):
-    time_ember(engine, prompts, n, min(params.gen, 4))  # warm-up (CUDA graph capture)
-    return median_of_runs([time_ember(engine, prompts, n, params.gen) for _ in range(params.repeats)]), None
+def _timed(run_once, params) -> dict:
+    """`params.warmup` untimed runs of the full workload (CUDA graphs captured at the timed length), then the
+    median of `params.repeats` timed ones."""
+    for _ in range(params.warmup):
+        run_once()
+    return median_of_runs([run_once() for _ in range(params.repeats)])
 
 
-def _transformers(twin, params, prompts, n, device, **options):
-    began = time.perf_counter()
-    time_hf(twin, prompts, n, params.gen, device, **options)  # warm-up; with a compile config, the compile
-    first_s = time.perf_counter() - began
-    runs = median_of_runs([time_hf(twin, prompts, n, params.gen, device, **options) for _ in range(params.repeats)])
-    compile_s = max(first_s - runs["prefill_s"] - runs["total_s"], 0.0) if options else None
-    return runs, compile_s
+def _ember(engine, params, prompts, n):
+    return _timed(lambda: time_ember(engine, prompts, n, params.gen), params), None
+
+
+def _transformers(engine, params, prompts, n, device):
+    twin = hf_twin(engine.model, device, engine.model.output_weight.dtype)
+    return _timed(lambda: time_hf(twin, prompts, n, params.gen, device), params), None
+
+
+def _transformers_compiled(engine, params, prompts, n, device):
+    """A fresh twin and a reset compiler per workload, so a cell's compile is the same whether the run was
+    resumed or not; the first generate compiles (its extra time is compile_s), the others are timed."""
+    torch._dynamo.reset()
+    twin = hf_twin(engine.model, device, engine.model.output_weight.dtype)
+    options = compile_options(device)
+    with cold_compile_caches():
+        began = time.perf_counter()
+        time_hf(twin, prompts, n, params.gen, device, **options)
+        first_s = time.perf_counter() - began
+        runs = _timed(lambda: time_hf(twin, prompts, n, params.gen, device, **options), params)
+    return runs, max(first_s - runs["prefill_s"] - runs["total_s"], 0.0)
 
 
 def compile_options(device) -> dict:
     """generate() options of the compiled transformers row: a static cache, and torch.compile of the forward
-    (transformers compiles on its own on CUDA; elsewhere its compile config is told to)."""
+    with static shapes (transformers compiles on its own on CUDA; elsewhere its compile config is told to)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(mode="reduce-overhead" if torch.device(device).type == "cuda" else "default")
+    config = CompileConfig(mode="reduce-overhead" if torch.device(device).type == "cuda" else "default",
+                           dynamic=False)
     config._compile_all_devices = torch.device(device).type != "cuda"  # transformers' switch for CPU compile
     return {"cache_implementation": "static", "compile_config": config}
 
@@ -128,23 +149,25 @@ def cold_compile_caches():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def llama_cpp_files(model: str) -> dict[str, Path]:
-    """{'quant': the package's source GGUF, 'f16': an F16 GGUF of ember's weights}, made once next to the
-    converted model (raises Unavailable for a model that is not a package model)."""
-    from ember.bench.gguf_export import write_f16_gguf
+def llama_cpp_files(model: str, dtype: str) -> dict[str, Path]:
+    """{'quant': the package's source GGUF, 'ember': a GGUF of ember's weights in `dtype` (F32 for float32, else
+    F16)}, made once next to the converted model."""
+    from ember.bench.gguf_export import write_gguf
     from ember.models import packages
 
-    if model not in packages.PACKAGE_MODELS:
-        raise Unavailable(f"needs a package model's GGUF (tokenizer, metadata); {model} is not a package model")
-    folder = packages.ensure(model)
-    files = {"quant": folder / "gguf" / "source.gguf", "f16": folder / "gguf" / "ember-f16.gguf"}
+    folder = packages.ensure(model)  # refuses a name that is not a package model
+    kind = "f32" if dtype == "float32" else "f16"
+    files = {"quant": folder / "gguf" / "source.gguf", "ember": folder / "gguf" / f"ember-{kind}.gguf"}
     files["quant"].parent.mkdir(exist_ok=True)
     if not files["quant"].exists():
         partial = files["quant"].with_name(".source.gguf.partial")
-        packages.fetch_gguf(model, partial, progress=lambda message: None)
-        partial.replace(files["quant"])
-    if not files["f16"].exists():
-        write_f16_gguf(folder, files["quant"], files["f16"])
+        try:
+            packages.fetch_gguf(model, partial, progress=lambda message: None)
+            partial.replace(files["quant"])
+        finally:
+            partial.unlink(missing_ok=True)
+    if not files["ember"].exists():
+        write_gguf(folder, files["quant"], files["ember"], kind)
     return files
 
 
@@ -156,7 +179,8 @@ def load_llama_cpp(path: Path, context: int, seed: int, logits_all: bool = False
     except ImportError as error:
         raise Unavailable(f"llama-cpp-python is not installed ({error}); `make llama-cpp` builds it from the "
                           f"PyPI source") from error
-    return Llama(str(path), n_ctx=context, n_batch=512, n_threads=torch.get_num_threads(), seed=seed,
+    threads = torch.get_num_threads()
+    return Llama(str(path), n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads, seed=seed,
                  logits_all=logits_all, verbose=False)
 
 
@@ -181,62 +205,84 @@ def time_llama_cpp(llm, prompts, n, gen) -> dict:
     return {"prefill_s": prefill, "total_s": total, "generated_tokens": generated, "tokens_per_s": generated / total}
 
 
-def _llama_cpp(llm, params, prompts, n, device):
-    time_llama_cpp(llm, prompts[:1], 1, min(params.gen, 4))  # warm-up
-    return median_of_runs([time_llama_cpp(llm, prompts, n, params.gen) for _ in range(params.repeats)]), None
+def _llama_cpp(llm, params, prompts, n):
+    return _timed(lambda: time_llama_cpp(llm, prompts, n, params.gen), params), None
+
+
+def why_not(name: str, params: Params, device) -> str | None:
+    """Why a framework cannot run here (None when it can): checked on every run, never stored, so a row that
+    could not run is measured as soon as it can (after `make llama-cpp`, say)."""
+    from ember.models import packages
+
+    if name.startswith("llama_cpp"):
+        if torch.device(device).type != "cpu":
+            return ("llama-cpp-python is built for the CPU here (`make llama-cpp`); a CUDA build does not fit the "
+                    "offline GPU machine")
+        if params.model not in packages.PACKAGE_MODELS:
+            return f"needs a package model's GGUF (tokenizer, metadata); {params.model} is not a package model"
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed; `make llama-cpp` builds it from the PyPI source"
+    if name in WHY_NOT:
+        return WHY_NOT[name] if importlib.util.find_spec(name) is None else \
+            f"{name} is installed, but ember has no {name} row (its torch differs from ember's pin)"
+    return None
 
 
 def _runner(name: str, params: Params, engine, device):
-    """A function (prompts, n) -> (timings, compile_s) for one framework, or raises Unavailable."""
+    """A function (prompts, n) -> (timings, compile_s) for a framework that can run."""
     if name == "ember":
-        return lambda prompts, n: _ember(engine, params, prompts, n, device)
-    if name in ("transformers", "transformers_compiled"):
-        twin = hf_twin(engine.model, device, engine.model.output_weight.dtype)
-        options = compile_options(device) if name == "transformers_compiled" else {}
-        return lambda prompts, n: _transformers(twin, params, prompts, n, device, **options)
-    if name in ("llama_cpp_f16", "llama_cpp_quant"):
-        if torch.device(device).type != "cpu":
-            raise Unavailable("llama-cpp-python is built for the CPU here (`make llama-cpp`); a CUDA build does "
-                              "not fit the offline GPU machine")
-        path = llama_cpp_files(params.model)["f16" if name == "llama_cpp_f16" else "quant"]
-        llm = load_llama_cpp(path, params.context + params.gen + 8, params.seed)
-        return lambda prompts, n: _llama_cpp(llm, params, prompts, n, device)
-    if importlib.util.find_spec(name) is None:
-        raise Unavailable(WHY_NOT[name])
-    raise Unavailable(f"{name} is installed, but ember has no {name} row (its torch differs from ember's pin)")
+        return lambda prompts, n: _ember(engine, params, prompts, n)
+    if name == "transformers":
+        return lambda prompts, n: _transformers(engine, params, prompts, n, device)
+    if name == "transformers_compiled":
+        return lambda prompts, n: _transformers_compiled(engine, params, prompts, n, device)
+    path = llama_cpp_files(params.model, params.dtype)["ember" if name == "llama_cpp_ember" else "quant"]
+    llm = load_llama_cpp(path, params.context + params.gen + 8, params.seed)
+    return lambda prompts, n: _llama_cpp(llm, params, prompts, n)
+
+
+def host(device) -> str:
+    """What the timings depend on beyond the params: the GPU or CPU model, torch's threads, llama.cpp's version."""
+    info = device_info(device)
+    llama = importlib.util.find_spec("llama_cpp") and importlib.metadata.version("llama_cpp_python")
+    return f"{info.get('gpu') or info.get('cpu')}, {info['torch_threads']} threads, llama-cpp-python {llama or '-'}"
 
 
 def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
     """One row per framework and workload (a median over repeats): seconds, tokens/s, compile seconds, or why it
-    did not run. Each row is a stored cell, so a run stopped by `time_budget_s` resumes where it stopped."""
+    did not run. Each measured row is a stored cell, keyed by the params, the code and the host, so a run stopped
+    by `time_budget_s` resumes where it stopped and timings of different machines never mix."""
     device = resolve_device(params.device)
-    store = CellStore(dataclasses.replace(params, device=device), params.time_budget_s)  # CPU, GPU cells apart
-    batch = params.rollout_prompts * params.rollout_candidates
+    machine = host(device)
+    store = CellStore(dataclasses.replace(params, device=f"{device} on {machine}"), params.time_budget_s)
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed,
-                         max_batch_size=batch, prefix_cache=False, progress=False)
+                         max_batch_size=params.rollout_prompts * params.rollout_candidates, prefix_cache=False,
+                         progress=False)
     prompts = random_prompts(engine.model.config.vocab_size, params.rollout_prompts, params.context, params.seed)
-    runners: dict[str, object] = {}  # framework -> its measure function, or why it cannot run
+    runners: dict[str, object] = {}  # framework -> its measure function, made at its first missing cell
+    reasons = {name: why_not(name, params, device) for name in params.frameworks}
 
-    def row(name: str, workload: str, count: int, n: int) -> pd.DataFrame:
+    def base(name: str, workload: str, count: int, n: int) -> dict:
+        return {"framework": name, "label": LABELS[name], "workload": workload, "prompts": count, "candidates": n,
+                "context": params.context, "gen": params.gen, "device": str(device), "host": machine}
+
+    def measured(name: str, workload: str, count: int, n: int) -> pd.DataFrame:
         if name not in runners:
-            try:
-                runners[name] = _runner(name, params, engine, device)
-            except Unavailable as why:
-                runners[name] = why
-        base = {"framework": name, "label": LABELS[name], "workload": workload, "prompts": count, "candidates": n,
-                "context": params.context, "gen": params.gen, "device": str(device)}
-        measure = runners[name]
-        if isinstance(measure, Unavailable):
-            return pd.DataFrame([{**base, "status": "not run", "reason": str(measure),
-                                  "caveat": PUBLISHED.get(name, "")}])
-        with cold_compile_caches() if name == "transformers_compiled" else nullcontext():
-            timings, compile_s = measure(prompts[:count], n)
-        return pd.DataFrame([{**base, "status": "measured", "reason": "", "caveat": CAVEATS[name], **timings,
-                              "compile_s": compile_s}])
+            runners[name] = _runner(name, params, engine, device)
+        timings, compile_s = runners[name](prompts[:count], n)
+        return pd.DataFrame([{**base(name, workload, count, n), "status": "measured", "reason": "",
+                              "caveat": CAVEATS[name], **timings, "compile_s": compile_s}])
 
-    cells = {f"{name}/{workload}": (lambda a=(name, workload, count, n): row(*a))
-             for name in params.frameworks for workload, count, n in workloads(params)}
-    return store.run(cells, progress), {**engine.provenance, "run_key": store.run_key}
+    cells = {f"{name}/{workload}": (lambda a=(name, workload, count, n): measured(*a))
+             for name in params.frameworks if reasons[name] is None for workload, count, n in workloads(params)}
+    frames = [store.run(cells, progress)] if cells else []
+    frames += [pd.DataFrame([{**base(name, *workload), "status": "not run", "reason": reasons[name],
+                              "caveat": PUBLISHED.get(name, "")} for workload in workloads(params)])
+               for name in params.frameworks if reasons[name] is not None]
+    df = pd.concat(frames, ignore_index=True)
+    order = {name: i for i, name in enumerate(params.frameworks)}
+    df = df.sort_values("framework", key=lambda column: column.map(order), kind="stable", ignore_index=True)
+    return df, {**engine.provenance, "run_key": store.run_key, "host": machine}
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -271,6 +317,6 @@ def macros(summary: pd.DataFrame, target: str = "tab2") -> dict[str, float]:
             values[macro_name(target, "ember tokens per s", row.workload)] = row.tokens_per_s
         else:
             values[macro_name(target, "speedup over", row.framework, row.workload)] = row.ember_speedup
-        if row.compile_s == row.compile_s and row.compile_s is not None:  # measured compile seconds (not NaN)
+        if pd.notna(row.compile_s):  # the compiled row's compile seconds
             values[macro_name(target, "compile s", row.framework, row.workload)] = row.compile_s
     return values

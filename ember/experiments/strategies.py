@@ -115,7 +115,6 @@ def macros(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame, ta
     return values
 
 
-
 def latex_tables(policies: pd.DataFrame, ladder: pd.DataFrame, stack: pd.DataFrame) -> dict[str, str]:
     """The three tables as LaTeX (df.to_latex), columns renamed for print, text cells escaped."""
     cols = {"policy": "Policy", "rollout_hours": "Rollout GPU-h", "final_reward": "Final reward",

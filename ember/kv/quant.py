@@ -162,7 +162,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, role: str = "k", stats: tuple | N
     """
     if spec.scheme == "fp16":
         return Quantized(x, None)
-    xf = x.to(torch.float32, copy=True)  # worked on in place below (one float32 buffer, never the caller's x)
+    # worked on in place below: one contiguous float32 buffer, never the caller's x
+    xf = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     stats = group_stats(x, spec, role) if stats is None else tuple(s.float() for s in stats)
     if spec.has_offset:
         levels = 2 ** BITS[spec.scheme] - 1

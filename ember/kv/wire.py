@@ -491,7 +491,9 @@ def unpack(blob: bytes, device="cpu") -> KVPayload:
         raise KVWireError(f"payload/scales: the dimensions and map imply {payload_len}/{scale_len} bytes, "
                           f"header says {bd['payload']}/{bd['scales']}")
     segments = _with_indices(segments, tokens, token_precision)
-    k, v = _decode_segments(body.read(payload_len + scale_len), config, info, segments, device)
+    with warnings.catch_warnings():  # codes are read in place from a read-only blob; torch warns it is read-only
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        k, v = _decode_segments(body.read(payload_len + scale_len), config, info, segments, device)
     body.finish()
     positions = torch.from_numpy(indices.astype(numpy.int64))
     return KVPayload(k, v, positions, info.context_len, token_precision, layer_precision)
@@ -549,15 +551,14 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
 
 
 def _decode_codes(section, offset: int, size: int, name: str, spec: QuantSpec, count: int, vdtype) -> torch.Tensor:
-    """One segment's codes, read in place from `section` (bytes [offset, offset + size)); only read, never
-    written: every path below makes new tensors from them (fp16 values are copied into K/V by the caller)."""
+    """One segment's codes from `section` (bytes [offset, offset + size)). 8- and 4-bit codes are a view of the
+    blob, only read (dequantizing makes new tensors); 16-bit values are copied, so they are aligned and the K/V
+    the caller fills never aliases the blob. Called inside `_reading_blob`."""
     if not size:
         return torch.zeros(0, dtype=torch.uint8)
-    with warnings.catch_warnings():  # a read-only blob: torch warns that its tensors must not be written
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        data = torch.frombuffer(section, dtype=torch.uint8, count=size, offset=offset)
     if name == "fp16":
-        return data.view(vdtype)
+        return torch.frombuffer(bytearray(section[offset:offset + size]), dtype=torch.uint8).view(vdtype)
+    data = torch.frombuffer(section, dtype=torch.uint8, count=size, offset=offset)
     if name in ("int4", "nf4"):
         return unpack_nibbles(data, count, signed=name == "int4" and spec.symmetric)
     if name == "int8" and spec.symmetric:

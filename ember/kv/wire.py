@@ -553,7 +553,7 @@ def _decode_segments(data, config: WireConfig, info: WireInfo, segments: list, d
 def _decode_codes(section, offset: int, size: int, name: str, spec: QuantSpec, count: int, vdtype) -> torch.Tensor:
     """One segment's codes from `section` (bytes [offset, offset + size)). 8- and 4-bit codes are a view of the
     blob, only read (dequantizing makes new tensors); 16-bit values are copied, so they are aligned and the K/V
-    the caller fills never aliases the blob. Called inside `_reading_blob`."""
+    the caller fills never aliases the blob. Called inside unpack's filter of torch's read-only buffer warning."""
     if not size:
         return torch.zeros(0, dtype=torch.uint8)
     if name == "fp16":

@@ -18,6 +18,8 @@ export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp
 OUT_ROOT=${EMBER_OUT_ROOT:-/tmp/eo}
 FUSERS=${FUSERS:-/tmp/fusers}
 RECEIVER=qwen2.5-0.5b-instruct
+TRANSFER_METHODS="[alone,context,text:raw,text:hint,kv:front:int8,kv:random:int8,kv:knorm:int8,kv:vnorm:int8,\
+kv:proj_vnorm:int8,kv:vnorm:int4,kv:front:fp16,rd:knorm:int4+int8,rd:vnorm:int4+int8,rd:proj_vnorm:int4+int8]"
 FUSION_METHODS="[alone,lora,projection,text:hint,kv:front:fp16,kv:front:int8,kv:knorm:int8,rd:proj_vnorm:int4+int8,kv:delta_proj_vnorm:int8]"
 
 case "$1" in
@@ -26,7 +28,9 @@ case "$1" in
     cat "${XFER:-.xfer}"/part* | tar x -C /tmp
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/js/*.whl /tmp/wheels/gguf-*.whl
     mkdir -p "$EMBER_CACHE" && cp -r /tmp/datasets "$EMBER_CACHE/"
-    python3 -m ember.cli models "$RECEIVER" "${@:-smollm2-135m-instruct}" ;;
+    pids=()  # each model converts in its own process, side by side
+    for model in "$RECEIVER" "${@:-smollm2-135m-instruct}"; do python3 -m ember.cli models "$model" & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid"; done ;;
   transfer)
     EMBER_OUT_ROOT=$OUT_ROOT/transfer-identical python3 -m ember.cli run fig7 --profile paper ;;
   projector)
@@ -39,7 +43,7 @@ case "$1" in
     [ -f "$FUSERS/$pair-projector/manifest.json" ] || exit 0
     for task in ${TASKS-recall}; do
       EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
-        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task"
+        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task methods=$TRANSFER_METHODS"
     done ;;
   fusion)
     pair=$2 sharer=$3

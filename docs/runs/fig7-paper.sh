@@ -18,8 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp
 OUT_ROOT=${EMBER_OUT_ROOT:-/tmp/eo}
 FUSERS=${FUSERS:-/tmp/fusers}
 RECEIVER=qwen2.5-0.5b-instruct
-TRANSFER_METHODS="[alone,context,text:raw,text:hint,kv:front:int8,kv:random:int8,kv:knorm:int8,kv:vnorm:int8,\
-kv:proj_vnorm:int8,kv:vnorm:int4,kv:front:fp16,rd:knorm:int4+int8,rd:vnorm:int4+int8,rd:proj_vnorm:int4+int8]"
+# context transfer across two models: the selections and precisions that ran in the time a device call allows
+TRANSFER_METHODS="[alone,context,text:raw,text:hint,kv:front:int8,kv:vnorm:int8,kv:proj_vnorm:int8,kv:front:fp16,\
+rd:proj_vnorm:int4+int8]"
 FUSION_METHODS="[alone,lora,projection,text:hint,kv:front:fp16,kv:front:int8,kv:knorm:int8,rd:proj_vnorm:int4+int8,kv:delta_proj_vnorm:int8]"
 
 case "$1" in
@@ -43,7 +44,7 @@ case "$1" in
     [ -f "$FUSERS/$pair-projector/manifest.json" ] || exit 0
     for task in ${TASKS-recall}; do
       EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
-        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task methods=$TRANSFER_METHODS"
+        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task methods=$TRANSFER_METHODS caps=[512,8192,131072,2097152]"
     done ;;
   fusion)
     pair=$2 sharer=$3

@@ -183,3 +183,16 @@ def test_the_dispatch_report_shows_the_fast_paths_taken(monkeypatch):
                                                               dtype=torch.bfloat16)))
     engine.generate(PROMPTS[:1], sampling=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert all(set(p["lora"]) == {"fused"} for p in dispatch.last().paths.values())  # the last decode step
+
+
+def test_shared_prompt_kv_on_cuda_matches_the_dense_graph_decode():
+    """The shared prompt cache (eager decode) against the dense cache with its CUDA graph, fp32, on the GPU."""
+    loaded = load("tiny-qwen3")
+    loaded.model.to("cuda")
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=2, ignore_eos=True, logprobs=0)
+    dense = Engine(loaded.model, loaded.tokenizer).generate(PROMPTS, n=4, sampling=params)
+    shared = Engine(loaded.model, loaded.tokenizer, share_prompt_kv=True).generate(PROMPTS, n=4, sampling=params)
+    for x, y in zip(dense.outputs, shared.outputs):
+        for a, b in zip(x.completions, y.completions):
+            assert a.token_ids == b.token_ids
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)

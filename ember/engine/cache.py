@@ -35,8 +35,7 @@ class KVCache:
         self.config = config
         self.batch = batch
         self.capacity = capacity
-        shape = (config.num_layers, 2, batch, config.num_kv_heads, capacity, config.head_dim)
-        self.storage = torch.zeros(shape, dtype=dtype, device=device)  # (L, 2, B, H, S, D)
+        self.storage = self._allocate(dtype, device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, S)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # device-side cursor of fixed-shape steps
@@ -45,6 +44,11 @@ class KVCache:
         # while False, attention skips masks
         self.layer_valid: torch.Tensor | None = None  # (L, B, S) per-layer key validity, None: every layer sees all
         self.versions: list[LayerVersions | None] = [None] * batch
+
+    def _allocate(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The K/V storage: every row holds every slot, (L, 2, B, H, S, D)."""
+        shape = (self.config.num_layers, 2, self.batch, self.config.num_kv_heads, self.capacity, self.config.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     def reset(self) -> None:
         """Empty the cache for reuse (same buffers: captured CUDA graphs stay valid)."""
@@ -77,15 +81,25 @@ class KVCache:
         the first row of each group (they hold identical values). `slots` as a device tensor (1,) is a
         fixed-shape decode step: k, v (B, H, 1, D) go to that slot; the views span the whole capacity.
         """
-        cache_k, cache_v = self.layer(index)
         if isinstance(slots, torch.Tensor):
+            cache_k, cache_v = self._static_layer(index)
             cache_k.index_copy_(2, slots, k)
             cache_v.index_copy_(2, slots, v)
             return cache_k, cache_v
-        rows, _, steps, _ = k.shape
-        start, end = slots, slots + steps
+        start, end = slots, slots + k.shape[2]
         if end > self.capacity:
             raise GenerationError(f"cache overflow: writing up to {end} tokens into capacity {self.capacity}")
+        return self._write_span(index, start, end, k, v)
+
+    def _static_layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, V) views of a layer that the fixed-shape step's slot tensor indexes."""
+        return self.layer(index)
+
+    def _write_span(self, index: int, start: int, end: int, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write` at slots [start, end) (within capacity)."""
+        cache_k, cache_v = self.layer(index)
+        rows = k.shape[0]
         group = self._group(rows)
         if group == 1:
             cache_k[:, :, start:end] = k
@@ -95,6 +109,16 @@ class KVCache:
         cache_k.view(shape)[:, :, :, start:end] = k.unsqueeze(1)
         cache_v.view(shape)[:, :, :, start:end] = v.unsqueeze(1)
         return cache_k.view(shape)[:, 0, :, :end], cache_v.view(shape)[:, 0, :, :end]
+
+    def attention_at(self, slot: int | None):
+        """The attention a step writing at `slot` (None: the fixed-shape decode step) runs instead of attention
+        over the keys `write` returns: None here (plain attention); a cache that keeps some K/V elsewhere
+        returns its own (`Step.attend`)."""
+        return None
+
+    def static_slot(self) -> torch.Tensor:
+        """The write slot of the fixed-shape decode step, as `write` takes it: the device-side cursor (1,)."""
+        return self.slot
 
     def key_mask(self, rows: int, end: int) -> torch.Tensor:
         """Validity of keys [0, end) for a forward over `rows` rows (one per group): (rows, end)."""

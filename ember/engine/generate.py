@@ -18,6 +18,7 @@ from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.past import PastKV
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
+from ember.engine.shared_cache import SharedPromptCache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
 from ember.engine.stop_strings import StopText, special_stop_ids
@@ -145,15 +146,19 @@ class Engine:
     CAPACITY_BUCKET = 128  # graph workspaces round their capacity up to a multiple of this
 
     def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
-                 cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, max_workspaces: int = 4):
+                 cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, max_workspaces: int = 4,
+                 share_prompt_kv: bool = False):
         """`prefix_cache`: True for a default PrefixCache (16-token blocks, 1 GiB), a PrefixCache, or
         False/None to prefill every prompt in full. `max_workspaces`: caches (with their CUDA graphs) kept
-        between calls, one per (batch, capacity) bucket."""
+        between calls, one per (batch, capacity) bucket. `share_prompt_kv`: with n > 1 candidates, store each
+        prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate; such batches
+        decode without CUDA graphs for now."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.progress = progress
         self.cuda_graphs = cuda_graphs  # replay decode steps as CUDA graphs when on a GPU
+        self.share_prompt_kv = share_prompt_kv
         if prefix_cache is True:
             prefix_cache = PrefixCache()
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
@@ -482,10 +487,11 @@ class Engine:
         with timer.stage("prefill"):
             cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, self._pad_id,
                                     lambda batch, capacity: self._workspace(batch, capacity, timer), versions,
-                                    self.prefix_cache if use_cache else None, pasts)
+                                    self.prefix_cache if use_cache else None, pasts, share_prompt=self.share_prompt_kv)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
-        # the captured graph runs masks without per-layer validity: a past seen by some layers only decodes eagerly
-        eager = not self._graphs_on() or cache.layer_valid is not None
+        # the captured graph runs masks without per-layer validity: a past seen by some layers only decodes
+        # eagerly, as does a shared prompt cache (no graph is captured over its two regions yet)
+        eager = not self._graphs_on() or cache.layer_valid is not None or isinstance(cache, SharedPromptCache)
         graph = None if eager else self._graphs.get(self._graph_key(cache))
         if graph is not None:
             cache.sync_slot()

@@ -23,6 +23,9 @@ def append_step(cache: KVCache, rows: int, steps: int, valid: torch.Tensor | Non
     rotary positions (default: continue each row's next position). Extra keyword arguments go to `Step`.
     """
     start, positions = cache.reserve(rows, steps, valid, positions)
+    attend = cache.attention_at(start)
+    if attend is not None:  # the cache attends itself (its masks are its own)
+        return Step(positions=positions, kv=cache, slots=start, mask=None, causal=False, attend=attend, **kwargs)
     mask, causal = attention_mask(cache, rows, start, steps)
     if cache.layer_valid is not None:
         kwargs["layer_mask"] = cache.layer_key_mask(rows, start + steps)[:, :, None, None, :]  # (L, b, 1, 1, S')
@@ -33,6 +36,10 @@ def static_step(cache: KVCache, **kwargs) -> Step:
     """A one-token step over every cache row with fixed shapes and device-side bookkeeping only (capturable
     in a CUDA graph). After running it, call `cache.advance_static()` and advance `cache.length` by one."""
     positions = cache.reserve_static()  # (B, 1)
+    attend = cache.attention_at(None)
+    if attend is not None:
+        return Step(positions=positions, kv=cache, slots=cache.static_slot(), mask=None, causal=False, attend=attend,
+                    **kwargs)
     mask = cache.key_valid[:, None, None, :]  # (B, 1, 1, S)
     if cache.layer_valid is not None:
         kwargs["layer_mask"] = cache.layer_valid[:, :, None, None, :]  # (L, B, 1, 1, S)

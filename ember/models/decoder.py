@@ -72,6 +72,11 @@ class Attention(nn.Module):
             mask = mask & step.layer_mask[self.index, ..., :keys.shape[2]]  # (b, 1, T, S)
         if step.query_hook is not None:
             step.query_hook(self.index, q, keys, mask)
+        if step.attend is not None:
+            if dispatch.recording_now():
+                dispatch.note("attention", "shared-prompt")
+            out = step.attend(self.index, q, keys, values)  # (b, H, T, D)
+            return self.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))
         causal = step.causal and mask is None
         if dispatch.recording_now():
             dispatch.note("attention", dispatch.attention_path(q, keys, values, mask, causal,

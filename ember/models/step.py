@@ -24,6 +24,7 @@ class KVStore(Protocol):
         ...
 
 
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 QueryHook = Callable[[int, torch.Tensor, torch.Tensor, object], None]
 
@@ -54,6 +55,10 @@ class Step:
                attention probabilities per layer, softmax(q k^T / sqrt(D)) over visible keys. Under gradient
                checkpointing it is called again when a layer is recomputed in the backward pass.
     logits     "all" (b, T, V), "last" (b, 1, V) or "none"; only computed when the range ends at the last layer.
+    attend     called as attend(layer, q, keys, values) -> out (b, H, T, D) in place of attention over what the
+               store's `write` returned, with its own masks: a store that keeps some K/V elsewhere (a prompt
+               region shared by a prompt's candidates) attends over all of it. `mask` must then be None, and
+               `layer_mask` and `query_hook` are refused (they see only the keys `write` returns).
     """
 
     positions: torch.Tensor
@@ -67,10 +72,15 @@ class Step:
     logits: str = "all"
     layer_mask: torch.Tensor | None = None
     query_hook: QueryHook | None = None
+    attend: AttendFn | None = None
 
     def __post_init__(self):
         if self.logits not in ("all", "last", "none"):
             raise StepError(f"Step.logits: expected 'all', 'last' or 'none', found {self.logits!r}")
+        if self.attend is not None and (self.mask is not None or self.layer_mask is not None
+                                        or self.query_hook is not None):
+            raise StepError("Step.attend: expected no mask, layer_mask or query_hook beside it (it attends with "
+                            "its own masks over K/V the others never see)")
         if self.layer_mask is not None:
             if not isinstance(self.layer_mask, torch.Tensor) or self.layer_mask.dtype != torch.bool \
                     or self.layer_mask.dim() != 5:

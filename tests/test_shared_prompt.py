@@ -75,14 +75,15 @@ def test_prefill_stores_each_prompt_once_and_one_candidate_stays_dense():
     assert torch.equal(shared.key_valid, dense.key_valid)
 
 
-def test_shared_attention_equals_attention_over_both_regions_with_padding():
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])  # multi-query, grouped, multi-head (4 query heads)
+def test_shared_attention_equals_attention_over_both_regions_with_padding(kv_heads):
     """`attend` (one softmax over the prompt copy and the row's own keys) against SDPA over the dense rows."""
-    config = preset_config("tiny-qwen2", num_layers=1)
+    config = preset_config("tiny-qwen2", num_layers=1, num_kv_heads=kv_heads)
     torch.manual_seed(0)
     group, prompts, prompt_slots, generated = 3, 2, 5, 4
     cache = SharedPromptCache(config, prompts * group, group, prompt_slots, prompt_slots + generated,
                               torch.float32, "cpu")
-    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
+    heads, dim = config.num_heads, config.head_dim
     cache.prompt.normal_()
     cache.storage.normal_()
     cache.key_valid[:, :prompt_slots] = True
@@ -96,7 +97,6 @@ def test_shared_attention_equals_attention_over_both_regions_with_padding():
     dense_v = torch.cat([cache.prompt[0, 1].repeat_interleave(group, 0), values], dim=2)
     mask = cache.key_valid[:, None, None, :prompt_slots + 3]  # (B, 1, 1, S)
     expected = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=mask, enable_gqa=True)
-    assert heads != kv_heads
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -98,7 +98,7 @@ class SharedPromptCache(KVCache):
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one new token per row, q (B, H, 1, D), over its prompt's K/V and its own generated K/V
         `keys`, `values` (B, H_kv, S, D) (generated slots [S_p, S_p + S)), in one softmax computed in fp32.
-        Returns (B, H, 1, D) in q's dtype."""
+        Returns (B, H, 1, D) in the cache's dtype."""
         rows, heads, steps, dim = q.shape
         if steps != 1 or rows != self.batch:
             raise GenerationError(f"shared prompt cache: attention expects one query per row ({self.batch} rows), "

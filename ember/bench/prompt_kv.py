@@ -40,15 +40,12 @@ def cache_bytes(shape: str, dtype: torch.dtype, prompts: int, candidates: int, p
             "saved_bytes": dense.nbytes - shared.nbytes, "dense_over_shared": dense.nbytes / shared.nbytes}
 
 
-def _peak_bytes(device) -> int | None:
-    return torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
-
-
 def time_both(model: str, dtype: str, device: str, prompt: int, gen: int, candidates: int, prompts: int,
               repeats: int, seed: int = 0) -> dict:
     """The same sampled generation through a dense-cache and a shared-prompt engine: tokens/s, peak memory
     (GPU) and whether every candidate's tokens agree."""
     device = resolve_device(device)
+    cuda = torch.device(device).type == "cuda"
     loaded = load(model, dtype=dtype, device=device, seed=seed)
     batch = random_prompts(loaded.config.vocab_size, prompts, prompt, seed)
     case = {"model": model, "prompts": prompts, "candidates": candidates, "prompt_tokens": prompt, "gen_tokens": gen}
@@ -57,11 +54,12 @@ def time_both(model: str, dtype: str, device: str, prompt: int, gen: int, candid
         engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=prompts * candidates, progress=False,
                         prefix_cache=False, share_prompt_kv=share)
         time_ember(engine, batch, candidates, gen)  # warm-up
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         case[name] = median_of_runs([time_ember(engine, batch, candidates, gen) for _ in range(repeats)])
-        case[name]["peak_bytes"] = _peak_bytes(device)
-        result = engine.generate(batch, n=candidates, sampling=SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True))
+        case[name]["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        greedy = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
+        result = engine.generate(batch, n=candidates, sampling=greedy)
         tokens[name] = [c.token_ids for out in result.outputs for c in out.completions]
     case["same_greedy_tokens"] = tokens["dense"] == tokens["shared"]
     case["shared_tokens_per_s_vs_dense"] = case["shared"]["tokens_per_s"] / case["dense"]["tokens_per_s"]

@@ -18,7 +18,6 @@ from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.past import PastKV
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
-from ember.engine.shared_cache import SharedPromptCache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
 from ember.engine.stop_strings import StopText, special_stop_ids
@@ -490,9 +489,12 @@ class Engine:
                                     self.prefix_cache if use_cache else None, pasts, share_prompt=self.share_prompt_kv)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
         # the captured graph runs masks without per-layer validity: a past seen by some layers only decodes
-        # eagerly, as does a shared prompt cache (no graph is captured over its two regions yet)
-        eager = not self._graphs_on() or cache.layer_valid is not None or isinstance(cache, SharedPromptCache)
+        # eagerly; and a graph replays only over the workspace it was captured on, so any other cache (a
+        # shared prompt cache, which prefill makes itself) decodes eagerly too
+        eager = not self._graphs_on() or cache.layer_valid is not None
         graph = None if eager else self._graphs.get(self._graph_key(cache))
+        if graph is not None and graph.cache is not cache:
+            graph = None
         if graph is not None:
             cache.sync_slot()
         for step in range(max_new):

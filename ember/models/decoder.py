@@ -72,16 +72,16 @@ class Attention(nn.Module):
             mask = mask & step.layer_mask[self.index, ..., :keys.shape[2]]  # (b, 1, T, S)
         if step.query_hook is not None:
             step.query_hook(self.index, q, keys, mask)
-        if step.attend is not None:
+        if step.attend is not None:  # the store attends over K/V it keeps beside what `write` returned
             if dispatch.recording_now():
                 dispatch.note("attention", "shared-prompt")
             out = step.attend(self.index, q, keys, values)  # (b, H, T, D)
-            return self.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))
-        causal = step.causal and mask is None
-        if dispatch.recording_now():
-            dispatch.note("attention", dispatch.attention_path(q, keys, values, mask, causal,
-                                                               step.layer_mask is not None))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        else:
+            causal = step.causal and mask is None
+            if dispatch.recording_now():
+                dispatch.note("attention", dispatch.attention_path(q, keys, values, mask, causal,
+                                                                   step.layer_mask is not None))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))  # (b, T, hidden)
 
 

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.engine import Engine, SamplingParams
+from ember.engine.shared_cache import SharedPromptCache
 from ember.models import load
+from ember.models.presets import preset_config
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ["The code for Alice is 4821.", "Hi", "A longer prompt that needs left padding"]
@@ -196,3 +199,22 @@ def test_shared_prompt_kv_on_cuda_matches_the_dense_graph_decode():
         for a, b in zip(x.completions, y.completions):
             assert a.token_ids == b.token_ids
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+def test_shared_prompt_attention_in_bf16_on_cuda_matches_fp32_sdpa():
+    """`attend` over a bf16 cache at a 4B-like head shape (8 candidates of a 4,096-token prompt) against fp32
+    SDPA over the dense rows, within bf16 rounding."""
+    config = preset_config("qwen3-4b", num_layers=1)
+    group, prompt_slots, generated = 8, 4096, 16
+    cache = SharedPromptCache(config, group, group, prompt_slots, prompt_slots + generated, torch.bfloat16, "cuda")
+    torch.manual_seed(0)
+    cache.prompt.normal_()
+    cache.storage.normal_()
+    cache.key_valid[:, :prompt_slots + generated] = True
+    q = torch.randn(group, config.num_heads, 1, config.head_dim, device="cuda").bfloat16()
+    keys, values = cache.storage[0, 0], cache.storage[0, 1]  # (B, Hkv, S_g, D)
+    out = cache.attend(0, q, keys, values)
+    dense_k = torch.cat([cache.prompt[0, 0].expand(group, -1, -1, -1), keys], dim=2).float()
+    dense_v = torch.cat([cache.prompt[0, 1].expand(group, -1, -1, -1), values], dim=2).float()
+    expected = F.scaled_dot_product_attention(q.float(), dense_k, dense_v, enable_gqa=True)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

@@ -75,14 +75,15 @@ def test_prefill_stores_each_prompt_once_and_one_candidate_stays_dense():
     assert torch.equal(shared.key_valid, dense.key_valid)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # multi-query, grouped, multi-head (4 query heads)
-def test_shared_attention_equals_attention_over_both_regions_with_padding(kv_heads):
-    """`attend` (one softmax over the prompt copy and the row's own keys) against SDPA over the dense rows."""
+def test_shared_attention_equals_attention_over_both_regions_with_padding(kv_heads, dtype, tolerance):
+    """`attend` (one softmax over the prompt copy and the row's own keys) against fp32 SDPA over the dense
+    rows; a bf16 cache within bf16 rounding of the scores, weights and output."""
     config = preset_config("tiny-qwen2", num_layers=1, num_kv_heads=kv_heads)
     torch.manual_seed(0)
     group, prompts, prompt_slots, generated = 3, 2, 5, 4
-    cache = SharedPromptCache(config, prompts * group, group, prompt_slots, prompt_slots + generated,
-                              torch.float32, "cpu")
+    cache = SharedPromptCache(config, prompts * group, group, prompt_slots, prompt_slots + generated, dtype, "cpu")
     heads, dim = config.num_heads, config.head_dim
     cache.prompt.normal_()
     cache.storage.normal_()
@@ -90,14 +91,16 @@ def test_shared_attention_equals_attention_over_both_regions_with_padding(kv_hea
     cache.key_valid[:group, :2] = False  # the first prompt is left-padded
     cache.key_valid[:, prompt_slots:prompt_slots + 3] = True  # three generated tokens so far
     cache.key_valid[4, prompt_slots + 1] = False  # and one row with a hole
-    q = torch.randn(prompts * group, heads, 1, dim)
+    q = torch.randn(prompts * group, heads, 1, dim).to(dtype)
     keys, values = cache.storage[0, 0, :, :, :3], cache.storage[0, 1, :, :, :3]
     out = cache.attend(0, q, keys, values)
+    assert out.dtype == dtype
     dense_k = torch.cat([cache.prompt[0, 0].repeat_interleave(group, 0), keys], dim=2)  # (B, Hkv, S_p + 3, D)
     dense_v = torch.cat([cache.prompt[0, 1].repeat_interleave(group, 0), values], dim=2)
     mask = cache.key_valid[:, None, None, :prompt_slots + 3]  # (B, 1, 1, S)
-    expected = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    expected = F.scaled_dot_product_attention(q.float(), dense_k.float(), dense_v.float(), attn_mask=mask,
+                                              enable_gqa=True)
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_static_step_over_a_shared_cache_equals_the_dynamic_step():

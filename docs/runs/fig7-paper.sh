@@ -9,7 +9,8 @@
 #                                                   (default recall; TASKS= trains only)
 #   bash docs/runs/fig7-paper.sh fusion PAIR SHARER train a fuser (+ LoRA control) for PAIR unless one is there,
 #                                                   then fig7 in shared-context mode on the tasks in $TASKS
-#                                                   (default recall openbookqa arc_challenge; TASKS= trains only)
+#                                                   (default recall openbookqa arc_challenge; TASKS= trains only;
+#                                                   answers of 16 tokens, extraction 64, gsm8k 256)
 # Training stops after $BUDGET seconds (projector default 480, fuser 0 = no limit; the fuser's LoRA control is
 # not counted) and resumes when the same command runs again; fig7 runs only once the training has finished.
 # Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
@@ -55,9 +56,10 @@ case "$1" in
     fi
     [ -f "$FUSERS/$pair/manifest.json" ] || exit 0
     for task in ${TASKS-recall openbookqa arc_challenge}; do
+      case $task in extraction) answer=64 ;; gsm8k) answer=256 ;; *) answer=16 ;; esac  # JSON; worked steps
       EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
         "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
-         items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=16"
+         items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=$answer"
     done ;;
   *) echo "usage: $0 setup [MODEL...] | transfer | projector PAIR SHARER | fusion PAIR SHARER" >&2; exit 2 ;;
 esac

@@ -58,7 +58,7 @@ def _figure(args) -> int:
 def _run(args) -> int:
     from ember.notebooks import run_headless
 
-    for name, path in run_headless(args.target, args.profile, args.set or "").items():
+    for name, path in run_headless(args.target, args.profile, args.set or "", progress=args.progress or None).items():
         print(f"{name}: {path}")
     return 0
 
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reuse", action="store_true", help="render from an existing run of these params")
             p.add_argument("--allow-stale", action="store_true",
                            help="with --reuse: render a run of unknown git SHA anyway, marked stale")
+        if name == "run":
+            p.add_argument("--progress", action="store_true",
+                           help="progress bars even when stderr is not a terminal (e.g. a GPU run's log file)")
         p.set_defaults(func=func)
     p = sub.add_parser("lab", help="start JupyterLab on the repository (headless, localhost; prints the URL)")
     p.add_argument("--port", type=int, default=8888)

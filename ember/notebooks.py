@@ -57,9 +57,11 @@ def validated_params(target: str, profile: str, overrides: str = "", measure: bo
     return params
 
 
-def run_headless(target: str, profile: str = "default", overrides: str = "") -> dict[str, Path]:
+def run_headless(target: str, profile: str = "default", overrides: str = "",
+                 progress: bool | None = None) -> dict[str, Path]:
     """Run a target's experiment without a notebook (e.g. on a GPU machine without Jupyter) and write
-    results.csv + manifest.json; `make <target> REUSE=1` later renders the figure and macros from them."""
+    results.csv + manifest.json; `make <target> REUSE=1` later renders the figure and macros from them.
+    `progress`: None shows progress bars on a terminal only, True always."""
     import time
 
     from ember.experiments import experiment_module
@@ -69,7 +71,7 @@ def run_headless(target: str, profile: str = "default", overrides: str = "") -> 
     params = validated_params(target, profile, overrides)
     module = experiment_module(read_params_file(target)["experiment"])
     began = time.perf_counter()
-    df, provenance = module.run(params)
+    df, provenance = module.run(params, progress)
     return publish(params, df, provenance, {"experiment_s": time.perf_counter() - began})
 
 

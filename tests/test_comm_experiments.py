@@ -1,13 +1,20 @@
-"""fig7 end to end at the smoke profile, in both modes, and its params' errors."""
+"""fig7 end to end at the smoke profile, in both modes, resumed cell by cell, and its params' errors."""
 
 import math
 
 import pandas as pd
 import pytest
 
-from ember.errors import ParamsError
+from ember.errors import ParamsError, ReportError
 from ember.experiments import budget_curves
 from ember.params import load_params
+
+
+@pytest.fixture(autouse=True)
+def out_root(tmp_path, monkeypatch):
+    """Each test's finished cells (reports/fig7/cells) in its own folder: none is reused from another test."""
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(tmp_path))
+    return tmp_path
 
 
 def test_context_transfer_smoke_rows_and_macros():
@@ -78,3 +85,22 @@ def test_fuser_command_exports_a_fuser_and_its_lora_control_for_fig7(tmp_path, c
                                           "sharer=tiny-llama pair=tiny facts=3 methods=[alone,lora,kv:front:int8]")
     df, provenance = budget_curves.run(params, progress=False)
     assert provenance["fuser"]["steps_done"] == 3 and set(df["method"]) == {"alone", "lora", "kv:front:int8"}
+
+
+def test_a_time_budget_stops_fig7_between_cells_and_the_run_resumes_to_the_same_rows(out_root, monkeypatch):
+    overrides = "items=2 caps=[256] methods=[alone,text:raw,kv:front:int8]"
+    clean, _ = budget_curves.run(load_params("fig7", "smoke", overrides), progress=False)
+    monkeypatch.setenv("EMBER_OUT_ROOT", str(out_root / "pieces"))
+    stops = 0
+    while True:
+        try:
+            resumed, provenance = budget_curves.run(load_params("fig7", "smoke", f"{overrides} time_budget_s=0.000000001"),
+                                                    progress=False)
+            break
+        except ReportError as error:
+            stops += 1
+            assert "run again to continue" in str(error)
+    assert stops == 4  # alone; text:raw and kv at 256 B and full: one cell per piece
+    assert len(list((out_root / "pieces" / "reports" / "fig7" / "cells").glob(f"{provenance['run_key']}-*.csv"))) == 5
+    timing = [c for c in clean.columns if c.endswith("_ms")]
+    pd.testing.assert_frame_equal(clean.drop(columns=timing), resumed.drop(columns=timing))

@@ -157,3 +157,17 @@ def test_alignment_on_the_real_tokenizers(tokenizers):
     same, _ = align_content(receiver, receiver, body)
     assert same == body  # one tokenizer: the identity
     assert aligned.receiver_ids[-3:] == receiver.encode(receiver.apply_chat_template(messages))[-3:]
+
+
+def test_context_transfer_parts_align_the_sharer_to_the_receivers_tokens(tokenizers):
+    from ember.comm.align import sharer_parts
+    from ember.comm.prompt import prompt_parts
+
+    receiver, sharer = tokenizers
+    context, question = "The code for Alice is 4821. Héllo wörld, naïve café!", "What is Alice's code?"
+    parts = sharer_parts(receiver, sharer, context, question)
+    own = prompt_parts(sharer, context, question)
+    assert len(parts.context) == len(receiver.encode(context)) and parts.context != own.context
+    assert (parts.head, parts.tail) == (own.head, own.tail)  # the sharer's own chat template
+    assert parts.context == align_content(receiver, sharer, receiver.encode(context))[0]
+    assert sharer_parts(receiver, receiver, context, question) == prompt_parts(receiver, context, question)

@@ -135,3 +135,30 @@ def test_fig7_trains_a_projector_in_the_run_when_no_folder_is_given(tiny, other_
     assert all(i.startswith("recall-") for i in info["train_ids"])
     with pytest.raises(ParamsError, match="expected a projector folder or fuser_steps > 0"):
         trained_module(Params(model="tiny-qwen2"), tiny, other_shape, "projector", False)
+
+
+@pytest.fixture(scope="module")
+def other_family(tiny):
+    """A sharer of another tokenizer (SmolLM2's real one) and cache shape: random weights over its vocabulary."""
+    from ember.models import packages
+    from ember.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(packages.ensure("smollm2-135m-instruct"))
+    config = preset_config("tiny-llama", vocab_size=tokenizer.vocab_size, **WIDER)
+    return Engine(random_model(config, torch.float32, torch.device("cpu"), 7), tokenizer, prefix_cache=False)
+
+
+def test_context_transfer_across_tokenizers_sends_one_sharer_token_per_receiver_token(tiny, other_family):
+    """The sharer reads the context aligned to the receiver's tokens: the projector trains on such batches, and
+    the harness sends (and the receiver places) exactly the receiver's context tokens."""
+    items = comm_items("recall", 2, 0, facts=2)
+    batch = transfer_batch(items, tiny.tokenizer, other_family.tokenizer, "cpu")
+    for row, item in enumerate(items):
+        context = tiny.tokenizer.encode(item.context)
+        assert int(batch.context_len[row]) == len(context)
+        assert len(other_family.tokenizer.encode(item.context)) != len(context)  # the two tokenize it otherwise
+    projector = Projector(tiny.model.config, other_family.model.config, hidden=8)
+    harness = Harness(tiny, other_family, items, max_tokens=3, projector=projector, progress=False)
+    rows = harness.run(["kv:front:fp16"], [None])
+    for row, item in zip(rows, items):
+        assert row["tokens_sent"] == len(tiny.tokenizer.encode(item.context))

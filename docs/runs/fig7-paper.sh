@@ -13,6 +13,8 @@
 #                                                   answers of 16 tokens, extraction 64, gsm8k 256)
 # Training stops after $BUDGET seconds (projector default 480, fuser 0 = no limit; the fuser's LoRA control is
 # not counted) and resumes when the same command runs again; fig7 runs only once the training has finished.
+# A fig7 run stops between cells after $RUN_BUDGET seconds (0 = no limit) and, run again, resumes at the first
+# (method, cap) cell it has not stored (reports/fig7/cells/); progress bars go to the log.
 # Results land in $EMBER_OUT_ROOT/<run>/ (reports, figures, macros) and fusers in $FUSERS/<pair>/.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD EMBER_OFFLINE=1 EMBER_CACHE=${EMBER_CACHE:-/tmp/ec} EMBER_WHEELS=${EMBER_WHEELS:-/tmp/wheels}
@@ -34,7 +36,7 @@ case "$1" in
     for model in "$RECEIVER" "${@:-smollm2-135m-instruct}"; do python3 -m ember.cli models "$model" & pids+=($!); done
     for pid in "${pids[@]}"; do wait "$pid"; done ;;
   transfer)
-    EMBER_OUT_ROOT=$OUT_ROOT/transfer-identical python3 -m ember.cli run fig7 --profile paper ;;
+    EMBER_OUT_ROOT=$OUT_ROOT/transfer-identical python3 -m ember.cli run fig7 --profile paper --progress --set "time_budget_s=${RUN_BUDGET:-0}" ;;
   projector)
     pair=$2 sharer=$3
     if [ ! -f "$FUSERS/$pair-projector/manifest.json" ]; then
@@ -44,8 +46,8 @@ case "$1" in
     fi
     [ -f "$FUSERS/$pair-projector/manifest.json" ] || exit 0
     for task in ${TASKS-recall}; do
-      EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
-        "sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task methods=$TRANSFER_METHODS caps=[512,8192,131072,2097152]"
+      EMBER_OUT_ROOT=$OUT_ROOT/transfer-$pair-$task python3 -m ember.cli run fig7 --profile paper --progress --set \
+        "time_budget_s=${RUN_BUDGET:-0} sharer=$sharer pair=$pair projector=$FUSERS/$pair-projector task=$task methods=$TRANSFER_METHODS caps=[512,8192,131072,2097152]"
     done ;;
   fusion)
     pair=$2 sharer=$3
@@ -57,8 +59,8 @@ case "$1" in
     [ -f "$FUSERS/$pair/manifest.json" ] || exit 0
     for task in ${TASKS-recall openbookqa arc_challenge}; do
       case $task in extraction) answer=64 ;; gsm8k) answer=256 ;; *) answer=16 ;; esac  # JSON; worked steps
-      EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --set \
-        "mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
+      EMBER_OUT_ROOT=$OUT_ROOT/fusion-$pair-$task python3 -m ember.cli run fig7 --profile paper --progress --set \
+        "time_budget_s=${RUN_BUDGET:-0} mode=shared_context sharer=$sharer pair=$pair fuser=$FUSERS/$pair task=$task facts=10 context_tokens=0 \
          items=100 caps=[2048,65536,1048576] methods=$FUSION_METHODS max_tokens=$answer"
     done ;;
   *) echo "usage: $0 setup [MODEL...] | transfer | projector PAIR SHARER | fusion PAIR SHARER" >&2; exit 2 ;;

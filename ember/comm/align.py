@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ember.comm.prompt import PromptParts, prompt_parts
 from ember.errors import CommError
 from ember.tasks.evaluate import render
 
@@ -79,3 +80,15 @@ def align_prompt(receiver_tok, sharer_tok, messages: list[dict]) -> AlignedPromp
     s_body, v_body = align_content(receiver_tok, sharer_tok, body)
     s_tail, v_tail = pad_section(sharer_tok.encode(s_after), len(tail), pad)
     return AlignedPrompt(head + body + tail, s_head + s_body + s_tail, v_head + v_body + v_tail)
+
+
+def sharer_parts(receiver_tok, sharer_tok, context: str, question: str) -> PromptParts:
+    """The sharer's spans of a context-transfer item (its own template head and tail), its context as one
+    token per receiver context token: the sharer's own tokens where both tokenizers encode the context alike,
+    else aligned (`align_content`; a receiver token no sharer token covers reads the sharer's pad token)."""
+    theirs = prompt_parts(sharer_tok, context, question)
+    mine = receiver_tok.encode(context) if context else []
+    if theirs.context == mine:
+        return theirs
+    aligned, _ = align_content(receiver_tok, sharer_tok, mine)
+    return PromptParts(theirs.head, aligned, theirs.tail)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.comm.fusion import FusionExample, engine_pasts, fusion_batch, last_tokens
-from ember.comm.harness import parse_method
+from ember.comm.harness import method_grid, parse_method
 from ember.comm.kv_forward import capture_kv
 from ember.comm.text import truncate_utf8, write_hints
 from ember.comm.transfer import KVMethod, encode_context
@@ -30,6 +30,7 @@ from ember.kv.wire import unpack
 from ember.tasks.evaluate import render
 
 FUSION_METHODS = ("alone", "projection", "text:hint", "lora")
+FUSION_CAP_FREE = ("alone", "projection", "lora")  # methods that send nothing under a cap
 HINT_WRAPPER = "{question}\n\nHint from another model: {hint}"
 
 
@@ -98,13 +99,11 @@ class FusionHarness:
             if method == "lora" and self.lora is None:
                 raise CommError("method 'lora': this fuser has no LoRA control (train it with `ember fuser train "
                                 "--lora-control`)")
-        cap_free = ("alone", "projection", "lora")
-        cells = [(s, m, None) for s, m in parsed if m in cap_free]
-        cells += [(s, m, cap) for s, m in parsed if m not in cap_free for cap in caps]
+        methods = dict(parsed)
         rows = []
-        for spec, method, cap in tqdm(cells, desc="methods x caps", disable=None if self.progress is None
-                                      else not self.progress):
-            rows.extend(self._cell(spec, method, cap))
+        for spec, cap in tqdm(method_grid(list(methods), caps, FUSION_CAP_FREE), desc="methods x caps",
+                              disable=None if self.progress is None else not self.progress):
+            rows.extend(self._cell(spec, methods[spec], cap))
         return rows
 
     def _cell(self, spec: str, method, cap) -> list[dict]:

@@ -52,6 +52,12 @@ def parse_method(spec: str) -> str | KVMethod | KVCommMethod | QKVCommMethod:
     return method
 
 
+def method_grid(methods: list[str], caps: list, cap_free: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """(method, cap) of every cell: each cap-free method once (cap None), then every other method at each cap."""
+    return ([(m, None) for m in methods if m in cap_free]
+            + [(m, cap) for m in methods if m not in cap_free for cap in caps])
+
+
 @dataclass
 class Sample:
     """One item prepared for the harness: its prompt spans (receiver tokens) and (lazily) the sharer's hint."""
@@ -74,8 +80,8 @@ class Harness:
         if receiver.tokenizer is None:
             raise CommError("harness: the receiver needs a tokenizer")
         self.receiver = receiver
-        self.messages = messages if messages is not None else SharerSide(sharer, projector, seed, hint_max_tokens,
-                                                                          calibration)
+        self.messages = messages if messages is not None else SharerSide(
+            sharer, projector, seed, hint_max_tokens, calibration, receiver_tokenizer=receiver.tokenizer)
         self.max_tokens, self.seed = max_tokens, seed
         self.progress = progress
         self.projector = projector
@@ -121,12 +127,11 @@ class Harness:
             self._check_kv_pair(any(isinstance(m, LAYER_TYPES) for _, m in parsed))
         if any(m == "text:hint" for _, m in parsed):
             self._hints()
-        cells = [(spec, m, None) for spec, m in parsed if m in CAP_FREE]
-        cells += [(spec, m, cap) for spec, m in parsed if m not in CAP_FREE for cap in caps]
+        methods = dict(parsed)
         rows = []
-        for spec, method, cap in tqdm(cells, desc="methods x caps", disable=None if self.progress is None
-                                      else not self.progress):
-            rows.extend(self._cell(spec, method, cap))
+        for spec, cap in tqdm(method_grid(list(methods), caps, CAP_FREE), desc="methods x caps",
+                              disable=None if self.progress is None else not self.progress):
+            rows.extend(self._cell(spec, methods[spec], cap))
         return rows
 
     def _cell(self, spec: str, method, cap: int | None) -> list[dict]:
@@ -177,8 +182,9 @@ class Harness:
             return parts.head + (self.receiver.tokenizer.encode(sent) if sent else []) + parts.tail, None
         sent = self.messages.encode(sample.item, method, cap, len(parts.head))
         if sent.context_tokens != len(parts.context):
-            raise CommError(f"item {sample.item.item_id}: context transfer expects one tokenizer (the context as "
-                            f"{len(parts.context)} tokens on both sides), found {sent.context_tokens} sharer tokens")
+            raise CommError(f"item {sample.item.item_id}: context transfer expects the context's K/V at the "
+                            f"receiver's {len(parts.context)} tokens, found {sent.context_tokens} sharer tokens (a "
+                            f"sharer side without the receiver's tokenizer?)")
         encoded = sent.encoded
         head_kv = self._receiver_head(parts.head)
         past, decode_ms, project_ms = receive(encoded.blob, head_kv, sent.context_tokens, self.receiver.device,

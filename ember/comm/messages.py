@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from ember.comm.align import sharer_parts
 from ember.comm.items import CommItem
 from ember.comm.layer_baselines import (KVCommMethod, QKVCommMethod, attention_mass, encode_kvcomm, encode_qkvcomm,
                                         layer_scores)
-from ember.comm.prompt import prompt_parts
 from ember.comm.text import write_hints
 from ember.comm.transfer import Encoded, KVMethod, encode_context, sharer_context_kv
 from ember.errors import CommError
@@ -52,14 +52,16 @@ def cache_shape(engine) -> tuple[int, int, int]:
 
 class SharerSide:
     """Messages computed with the sharer engine; K/V of an item is prefilled once and reused across methods
-    and caps. `projector` (receiver-side module) feeds proj_vnorm scoring, computed on the sharer's side.
+    and caps. With `receiver_tokenizer` of another family, the sharer reads the context aligned to it (one
+    token per receiver token, `sharer_parts`). `projector` (receiver-side module) feeds proj_vnorm scoring, computed on the sharer's side.
     `calibration` items (never evaluated ones) rank the layers of the KVComm-like method, once."""
 
     def __init__(self, sharer, projector=None, seed: int = 0, hint_max_tokens: int = 64,
-                 calibration: list[CommItem] = ()):
+                 calibration: list[CommItem] = (), receiver_tokenizer=None):
         if sharer is None or sharer.tokenizer is None:
             raise CommError("sharer: expected an engine with a tokenizer, found none")
         self.sharer, self.projector, self.seed, self.hint_max_tokens = sharer, projector, seed, hint_max_tokens
+        self.receiver_tokenizer = receiver_tokenizer or sharer.tokenizer  # the context's tokens are the receiver's
         self.calibration = list(calibration)
         self.cache_shape = cache_shape(sharer)
         self._kv: dict[str, tuple[torch.Tensor, int, float]] = {}
@@ -68,7 +70,7 @@ class SharerSide:
     def _context_kv(self, item: CommItem) -> tuple[torch.Tensor, int, float]:
         """The sharer's K/V (L, 2, H, c, D) of the item's context, its template head length and prefill ms."""
         if item.item_id not in self._kv:
-            parts = prompt_parts(self.sharer.tokenizer, item.context, item.question)
+            parts = sharer_parts(self.receiver_tokenizer, self.sharer.tokenizer, item.context, item.question)
             began = time.perf_counter()
             kv = sharer_context_kv(self.sharer, parts.head, parts.context)
             self._kv[item.item_id] = (kv, len(parts.head), 1e3 * (time.perf_counter() - began))

@@ -1,5 +1,6 @@
 """The context-transfer projector: maps a sharer's context K/V into a receiver's cache space when the two
-models' caches differ in shape (strong-to-weak: one tokenizer, other depth, heads or head size).
+models' caches differ in shape (strong-to-weak: one tokenizer, other depth, heads or head size; cross-family:
+the sharer reads the context aligned to the receiver's tokens, one per receiver token, `align.sharer_parts`).
 
 Per receiver layer, separate K and V paths (the fuser's path without the receiver's input: there is none, the
 receiver never read the context) read the sharer layer of the fuser's last-aligned layer map. Keys are made

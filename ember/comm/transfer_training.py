@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.comm.align import sharer_parts
 from ember.comm.items import CommItem
 from ember.comm.kv_forward import capture_kv, forward_after_past
 from ember.comm.prompt import prompt_parts
@@ -58,11 +59,9 @@ def transfer_batch(items: list[CommItem], receiver_tok, sharer_tok, device) -> T
     sharer_rows, receiver_rows, contexts, heads, inputs, targets = [], [], [], [], [], []
     for item in items:
         mine = prompt_parts(receiver_tok, item.context, item.question)
-        theirs = prompt_parts(sharer_tok, item.context, item.question)
-        if not mine.context or mine.context != theirs.context:
-            raise CommError(f"item {item.item_id}: a projector expects one tokenizer (the context as the same "
-                            f"non-empty tokens on both sides), found {len(mine.context)} receiver and "
-                            f"{len(theirs.context)} sharer tokens")
+        theirs = sharer_parts(receiver_tok, sharer_tok, item.context, item.question)
+        if not mine.context:
+            raise CommError(f"item {item.item_id}: a projector expects a non-empty context, found none")
         sequence = mine.tail + receiver_tok.encode(item.answer) + eos
         sharer_rows.append(theirs.head + theirs.context)
         receiver_rows.append(mine.head + mine.context)

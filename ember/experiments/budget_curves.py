@@ -8,19 +8,21 @@ a projector (`projector`: an exported folder, or trained in the run for `fuser_s
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples, transfer_training_items
-from ember.comm.fusion_harness import FUSION_METHODS, FusionHarness
-from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, parse_method
+from ember.comm.fusion_harness import FUSION_CAP_FREE, FUSION_METHODS, FusionHarness
+from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, method_grid, parse_method
 from ember.comm.messages import cache_shape
 from ember.comm.items import COMM_TASKS, comm_items, extraction_correct
 from ember.comm.train_fuser import FuserConfig, load_fuser, train_fuser
 from ember.engine import Engine
 from ember.errors import CommError, ParamsError
+from ember.experiments.cells import CellStore
 from ember.experiments.workloads import resolve_device
 from ember.params import RunParams, param
 from ember.report import macro_name
@@ -55,6 +57,8 @@ class Params(RunParams):
     fuser_hidden: int = param(64, low=1)
     fuser_examples: int = param(64, low=1)
     fuser_recall_share: float = param(1.0, low=0.0, high=1.0)  # 1.0 needs no benchmark sets
+    time_budget_s: float = param(0.0, low=0.0)  # stop (resumable) after this many seconds; 0 = no limit
+    force: bool = False  # recompute finished cells
 
     def validate(self) -> None:
         super().validate()
@@ -116,9 +120,15 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         lora = Path(params.fuser) / "lora" if params.fuser and (Path(params.fuser) / "lora").is_dir() else None
         harness = FusionHarness(receiver, sharer, fuser, examples, scorers, score, params.max_tokens,
                                 params.hint_max_tokens, params.batch_size, params.seed, progress, lora=lora)
-    df = pd.DataFrame(harness.run(list(params.methods), caps))
+    keyed = dataclasses.replace(params, device=device)  # cells of a CPU and a GPU run never mix
+    store = CellStore(keyed, params.time_budget_s, per_cell=("methods", "caps", "full"), force=params.force)
+    cap_free = CAP_FREE if params.mode == "context_transfer" else FUSION_CAP_FREE
+    cells = {f"{method}@{cap}": (lambda m=method, c=cap: pd.DataFrame(harness.run([m], [c])))
+             for method, cap in method_grid(list(params.methods), caps, cap_free)}
+    df = store.run(cells, progress)
     df["pair"] = params.pair
-    return df, provenance
+    return df, {**provenance, "run_key": store.run_key}
+
 
 
 def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tuple:

@@ -298,7 +298,8 @@ def _sharer_pass(params: Params, pairs: _Pairs, group: tuple, cells: list, run_k
     methods = sorted({m for _, m, _ in cells if m not in CAP_FREE + ("text:raw",)})
     calibration = _calibration(params, group, receiver_tokenizer, methods, items)
     stored = StoredMessages(_blob_folder(params, group, run_key),
-                            SharerSide(sharer, projector, params.seed, params.hint_max_tokens, calibration))
+                            SharerSide(sharer, projector, params.seed, params.hint_max_tokens, calibration,
+                                       receiver_tokenizer=receiver_tokenizer))
     caps = sorted({c for _, m, c in cells if m not in CAP_FREE}, key=lambda c: math.inf if c is None else c)
     sharer_pass(stored, items, receiver_tokenizer, methods, caps)
     stored.release()

@@ -189,12 +189,20 @@ def test_the_dispatch_report_shows_the_fast_paths_taken(monkeypatch):
 
 
 def test_shared_prompt_kv_on_cuda_matches_the_dense_graph_decode():
-    """The shared prompt cache (eager decode) against the dense cache with its CUDA graph, fp32, on the GPU."""
+    """The shared prompt cache against the dense cache, each with its CUDA graph, and the shared one eager,
+    fp32, on the GPU; a second batch of the same buckets replays the shared graph."""
     loaded = load("tiny-qwen3")
     loaded.model.to("cuda")
     params = SamplingParams(temperature=1.0, max_tokens=24, seed=2, ignore_eos=True, logprobs=0)
     dense = Engine(loaded.model, loaded.tokenizer).generate(PROMPTS, n=4, sampling=params)
-    shared = Engine(loaded.model, loaded.tokenizer, share_prompt_kv=True).generate(PROMPTS, n=4, sampling=params)
+    engine = Engine(loaded.model, loaded.tokenizer, share_prompt_kv=True)
+    shared = engine.generate(PROMPTS, n=4, sampling=params)
+    again = engine.generate(PROMPTS, n=4, sampling=params)
+    eager = Engine(loaded.model, loaded.tokenizer, share_prompt_kv=True, cuda_graphs=False).generate(
+        PROMPTS, n=4, sampling=params)
+    assert shared.timings["capture"] > 0 and again.timings.get("capture", 0) == 0
+    assert [c.token_ids for o in again.outputs for c in o.completions] == \
+        [c.token_ids for o in eager.outputs for c in o.completions]
     for x, y in zip(dense.outputs, shared.outputs):
         for a, b in zip(x.completions, y.completions):
             assert a.token_ids == b.token_ids

@@ -1,6 +1,7 @@
 """Prompt K/V stored once per prompt (SharedPromptCache): the same generations as the dense cache that copies
 it into every candidate row, with and without prefix-cache hits, in a fraction of the memory."""
 
+import functools
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ember.engine import Engine, KVCache, SamplingParams
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
-from ember.engine.shared_cache import SharedPromptCache
+from ember.engine.shared_cache import SharedPromptCache, make_cache
 from ember.engine.steps import append_step, static_step
 from ember.errors import GenerationError, StepError
 from ember.models import load
@@ -57,7 +58,7 @@ def test_prefill_stores_each_prompt_once_and_one_candidate_stays_dense():
     loaded = load("tiny-qwen2")
     config = loaded.model.config
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    fresh = lambda batch, capacity: KVCache(config, batch, capacity, torch.float32, "cpu")  # noqa: E731
+    fresh = functools.partial(make_cache, config, dtype=torch.float32, device="cpu")
     versions = LayerVersions("m", ("v",) * config.num_layers)
     with torch.inference_mode():
         dense, _ = prefill(loaded.model, prompts, 4, 6, 0, fresh, versions)
@@ -107,7 +108,7 @@ def test_static_step_over_a_shared_cache_equals_the_dynamic_step():
     loaded = load("tiny-qwen3")
     model, config = loaded.model, loaded.model.config
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS[:2]]
-    fresh = lambda batch, capacity: KVCache(config, batch, capacity, torch.float32, "cpu")  # noqa: E731
+    fresh = functools.partial(make_cache, config, dtype=torch.float32, device="cpu")
     versions = LayerVersions("m", ("v",) * config.num_layers)
     with torch.inference_mode():
         caches = [prefill(model, prompts, 2, 4, 0, fresh, versions, share_prompt=True)[0] for _ in range(2)]
@@ -120,6 +121,33 @@ def test_static_step_over_a_shared_cache_equals_the_dynamic_step():
             caches[1].length += 1
             torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
     assert torch.equal(caches[1].key_valid, caches[0].key_valid)
+
+
+def test_a_prompt_region_sized_up_to_its_bucket_decodes_as_the_dense_cache():
+    """A graph workspace rounds the prompt region up (the prompt leaves its last slots unwritten): after
+    `start_decode` the fixed-shape steps a CUDA graph replays give the dense cache's logits."""
+    loaded = load("tiny-qwen2")
+    model, config = loaded.model, loaded.model.config
+    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+    versions = LayerVersions("m", ("v",) * config.num_layers)
+    dense_cache = functools.partial(make_cache, config, dtype=torch.float32, device="cpu")
+    bucketed = lambda batch, capacity, group, prompt_slots: make_cache(  # noqa: E731
+        config, batch, capacity + 16, torch.float32, "cpu", group, prompt_slots + 11)
+    with torch.inference_mode():
+        dense, first = prefill(model, prompts, 2, 4, 0, dense_cache, versions)
+        shared, shared_first = prefill(model, prompts, 2, 4, 0, bucketed, versions, share_prompt=True)
+        assert shared.prompt_slots == max(map(len, prompts)) + 11 and shared.length < shared.prompt_slots
+        shared.start_decode()
+        shared.sync_slot()
+        torch.testing.assert_close(shared_first, first, atol=0, rtol=0)
+        for token in (7, 9, 11):
+            ids = torch.full((6, 1), token)
+            expected = model.run(append_step(dense, 6, 1, logits="last"), input_ids=ids).logits
+            static = model.run(static_step(shared, logits="last"), input_ids=ids).logits
+            shared.advance_static()
+            shared.length += 1
+            torch.testing.assert_close(static, expected, atol=1e-5, rtol=1e-5)
+    assert not shared.key_valid[:, dense.length - 3:shared.prompt_slots].any()  # the region's unwritten slots
 
 
 def test_wrong_writes_loads_and_steps_are_clear_errors():

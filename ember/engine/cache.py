@@ -170,6 +170,14 @@ class KVCache:
         self.next_position += 1
         return positions
 
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        """(batch, capacity, rows per stored prompt, prompt slots stored once): what a CUDA graph is captured for."""
+        return self.batch, self.capacity, 1, 0
+
+    def start_decode(self) -> None:
+        """Ready the cursor for decode steps after the prefill (a dense cache decodes right after the prompt)."""
+
     def advance_static(self) -> None:
         """Move the device-side slot on by one (the host cursor is the caller's)."""
         self.slot += 1

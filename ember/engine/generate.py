@@ -18,6 +18,7 @@ from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.past import PastKV
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
+from ember.engine.shared_cache import make_cache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
 from ember.engine.stop_strings import StopText, special_stop_ids
@@ -150,8 +151,7 @@ class Engine:
         """`prefix_cache`: True for a default PrefixCache (16-token blocks, 1 GiB), a PrefixCache, or
         False/None to prefill every prompt in full. `max_workspaces`: caches (with their CUDA graphs) kept
         between calls, one per (batch, capacity) bucket. `share_prompt_kv`: with n > 1 candidates, store each
-        prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate; such batches
-        decode without CUDA graphs for now."""
+        prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -256,7 +256,7 @@ class Engine:
         """(Re)allocate slots for every resident adapter; graphs captured over the old slots are dropped."""
         if self._slots is not None:
             self._slots.load(None)
-        self._graphs = {key: graph for key, graph in self._graphs.items() if key[2] is None}
+        self._graphs = {key: graph for key, graph in self._graphs.items() if key[1] is None}
         self._slots = LoraSlots(self.model, LoraSlots.layout_for(r.adapter for r in self._adapters.values()))
         for resident in self._adapters.values():
             resident.packed = self._slots.pack(resident.adapter)
@@ -315,27 +315,34 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.model.output_weight.dtype
 
-    def _fresh_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.model.config, batch, capacity, self.dtype, self.device)
+    def _fresh_cache(self, batch: int, capacity: int, group: int = 1, prompt_slots: int = 0) -> KVCache:
+        return make_cache(self.model.config, batch, capacity, self.dtype, self.device, group, prompt_slots)
 
     def _graphs_on(self) -> bool:
         return self.cuda_graphs and self.device.type == "cuda"
 
     def _graph_key(self, cache: KVCache) -> tuple:
-        return cache.batch, cache.capacity, id(self._slots) if self.active_adapter is not None else None
+        return cache.layout, id(self._slots) if self.active_adapter is not None else None
 
-    def _workspace(self, batch: int, capacity: int, timer: StageTimer) -> KVCache:
-        """An empty cache for a batch: on a GPU with graphs, the bucket's persistent cache with its decode
-        graph captured (once per bucket and adapter-slot layout, before any prefill); else a fresh one."""
+    def _workspace(self, batch: int, capacity: int, timer: StageTimer, group: int = 1,
+                   prompt_slots: int = 0) -> KVCache:
+        """An empty cache for a batch (with `prompt_slots`, a SharedPromptCache of that prompt region): on a GPU
+        with graphs, the bucket's persistent cache with its decode graph captured (once per bucket and
+        adapter-slot layout, before any prefill); else a fresh one. Buckets round the capacity (a shared
+        cache's prompt region and generated region each) up to a multiple of CAPACITY_BUCKET."""
         if not self._graphs_on():
-            return self._fresh_cache(batch, capacity)
-        capacity = -(-capacity // self.CAPACITY_BUCKET) * self.CAPACITY_BUCKET
-        key = (batch, capacity)
-        cache = self._workspaces.pop(key, None) or self._fresh_cache(batch, capacity)
+            return self._fresh_cache(batch, capacity, group, prompt_slots)
+        bucket = lambda slots: -(-slots // self.CAPACITY_BUCKET) * self.CAPACITY_BUCKET  # noqa: E731
+        if prompt_slots:
+            capacity, prompt_slots = bucket(prompt_slots) + bucket(capacity - prompt_slots), bucket(prompt_slots)
+        else:
+            capacity = bucket(capacity)
+        key = (batch, capacity, group, prompt_slots)
+        cache = self._workspaces.pop(key, None) or self._fresh_cache(batch, capacity, group, prompt_slots)
         self._workspaces[key] = cache
         while len(self._workspaces) > self.max_workspaces:
             dropped, _ = self._workspaces.popitem(last=False)
-            self._graphs = {k: g for k, g in self._graphs.items() if k[:2] != dropped}
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != dropped}
         graph_key = self._graph_key(cache)
         if graph_key not in self._graphs:
             with timer.stage("capture"):
@@ -485,12 +492,13 @@ class Engine:
         versions = self.versions
         with timer.stage("prefill"):
             cache, logits = prefill(self.model, [r.prompt for r in requests], n, max_new, self._pad_id,
-                                    lambda batch, capacity: self._workspace(batch, capacity, timer), versions,
-                                    self.prefix_cache if use_cache else None, pasts, share_prompt=self.share_prompt_kv)
+                                    lambda batch, capacity, **shared: self._workspace(batch, capacity, timer, **shared),
+                                    versions, self.prefix_cache if use_cache else None, pasts,
+                                    share_prompt=self.share_prompt_kv)
             logits = logits.repeat_interleave(n, dim=0)  # (P*n, V)
+            cache.start_decode()
         # the captured graph runs masks without per-layer validity: a past seen by some layers only decodes
-        # eagerly; and a graph replays only over the workspace it was captured on, so any other cache (a
-        # shared prompt cache, which prefill makes itself) decodes eagerly too
+        # eagerly; and a graph replays only over the workspace it was captured on
         eager = not self._graphs_on() or cache.layer_valid is not None
         graph = None if eager else self._graphs.get(self._graph_key(cache))
         if graph is not None and graph.cache is not cache:

@@ -21,12 +21,11 @@ import torch
 from ember.engine.cache import KVCache
 from ember.engine.past import PastKV
 from ember.engine.prefix_cache import PrefixCache, PrefixMatch
-from ember.engine.shared_cache import SharedPromptCache
 from ember.engine.steps import append_step
 from ember.errors import GenerationError
 from ember.models.versions import LayerVersions
 
-NewCache = Callable[[int, int], KVCache]  # (batch, capacity) -> an empty cache
+NewCache = Callable[..., KVCache]  # (batch, capacity[, group=, prompt_slots=]) -> an empty cache
 
 
 def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pad_id: int, new_cache: NewCache,
@@ -35,8 +34,9 @@ def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pa
     """Prefill `prompts` once each into a cache of len(prompts) * group rows with room for `extra_capacity`
     more tokens. Returns the cache and last-token logits (len(prompts), V).
 
-    `share_prompt` (with group > 1 and no pasts) stores each prompt's K/V once for its group of rows (a
-    `SharedPromptCache`, made here rather than by `new_cache`) instead of once per row.
+    `share_prompt` (with group > 1 and no pasts) stores each prompt's K/V once for its group of rows: the cache
+    is then `new_cache(batch, capacity, group=, prompt_slots=)`, a `SharedPromptCache` whose prompt region
+    holds at least the prompt slots (the caller calls its `start_decode` before decoding).
 
     `pasts` (one per prompt, or None) places given K/V before each prompt in the reused-prefix slots, the
     prompt continuing at the past's next position (a past's `layer_valid` hides its tokens from single layers);
@@ -48,9 +48,9 @@ def prefill(model, prompts: list[list[int]], group: int, extra_capacity: int, pa
     if prefix_cache is not None:
         warm_shared_prefixes(model, prompts, pad_id, prefix_cache, versions)
     if share_prompt and group > 1 and pasts is None and extra_capacity > 0:
-        config, weight = model.config, model.output_weight
-        new_cache = lambda batch, capacity: SharedPromptCache(  # noqa: E731
-            config, batch, group, capacity - extra_capacity, capacity, weight.dtype, weight.device)
+        make = new_cache
+        new_cache = lambda batch, capacity: make(  # noqa: E731
+            batch, capacity, group=group, prompt_slots=capacity - extra_capacity)
     return _prefill(model, prompts, group, extra_capacity, pad_id, new_cache, versions, prefix_cache, pasts)
 
 

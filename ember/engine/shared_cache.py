@@ -55,6 +55,16 @@ class SharedPromptCache(KVCache):
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise GenerationError("shared prompt cache: a layer's K/V lives in two regions; read rows with `read`")
 
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        return self.batch, self.capacity, self.group, self.prompt_slots
+
+    def start_decode(self) -> None:
+        """Move the cursor past the prompt region: a prompt shorter than the region (a workspace sized up to
+        its bucket) leaves its last slots unwritten, invalid keys, and decode writes in the generated region."""
+        if self.length < self.prompt_slots:
+            self.skip_to(self.prompt_slots)
+
     def reset(self) -> None:
         super().reset()
         self.slot.fill_(self.prompt_slots)  # a fixed-shape step always writes in the generated region
@@ -161,3 +171,12 @@ class SharedPromptCache(KVCache):
         out[:, :, :, in_prompt] = self.prompt[:, :, row // self.group].index_select(3, slots[in_prompt])
         out[:, :, :, ~in_prompt] = self.storage[:, :, row].index_select(3, slots[~in_prompt] - self.prompt_slots)
         return out
+
+
+def make_cache(config, batch: int, capacity: int, dtype: torch.dtype, device, group: int = 1,
+               prompt_slots: int = 0) -> KVCache:
+    """An empty dense `KVCache`, or with `prompt_slots` a `SharedPromptCache` storing that many slots once per
+    `group` rows (the `new_cache` that `prefill(..., share_prompt=True)` calls)."""
+    if prompt_slots:
+        return SharedPromptCache(config, batch, group, prompt_slots, capacity, dtype, device)
+    return KVCache(config, batch, capacity, dtype, device)

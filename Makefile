@@ -62,6 +62,7 @@ bench: setup
 	$(PY) -m ember.cli bench generate --out reports/bench/generate_cpu.json
 	$(PY) -m ember.cli bench kvwire --out reports/bench/kvwire_cpu.json
 	$(PY) -m ember.cli bench prompt_kv --model qwen2.5-0.5b --time-prompt 256 --out reports/bench/prompt_kv_cpu.json
+	$(PY) -m ember.cli bench long_tail --out reports/bench/long_tail_cpu.json
 
 # llama-cpp-python for tab2's llama.cpp rows, built from the PyPI source for this CPU (several minutes on 2
 # cores; never part of `make test`). 0.3.16: the 0.3.36 build crashed on every multi-token prompt here.

@@ -18,6 +18,7 @@ from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.past import PastKV
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
+from ember.engine.regroup import regroup
 from ember.engine.shared_cache import make_cache
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
@@ -68,7 +69,7 @@ class GenerationResult:
     timings: dict[str, float]
     prompt_tokens: int  # real prompt tokens prefilled (once per prompt, not per candidate)
     generated_tokens: int
-    batches: int = 1
+    batches: int = 1  # batches decoded (with continuous batching: the prefills that admitted requests)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -147,17 +148,21 @@ class Engine:
 
     def __init__(self, model: DecoderLM, tokenizer=None, max_batch_size: int = 64, progress: bool | None = None,
                  cuda_graphs: bool = True, prefix_cache: PrefixCache | bool | None = True, max_workspaces: int = 4,
-                 share_prompt_kv: bool = False):
+                 share_prompt_kv: bool = False, continuous_batching: bool = False):
         """`prefix_cache`: True for a default PrefixCache (16-token blocks, 1 GiB), a PrefixCache, or
         False/None to prefill every prompt in full. `max_workspaces`: caches (with their CUDA graphs) kept
         between calls, one per (batch, capacity) bucket. `share_prompt_kv`: with n > 1 candidates, store each
-        prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate."""
+        prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate.
+        `continuous_batching`: when the requests need more than one batch, a prompt group whose candidates are
+        all done leaves the batch and a waiting request takes its rows (`_run_continuous`), instead of every
+        batch decoding to its longest row; such calls decode without CUDA graphs and without pasts."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.progress = progress
         self.cuda_graphs = cuda_graphs  # replay decode steps as CUDA graphs when on a GPU
         self.share_prompt_kv = share_prompt_kv
+        self.continuous_batching = continuous_batching
         if prefix_cache is True:
             prefix_cache = PrefixCache()
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
@@ -410,9 +415,15 @@ class Engine:
         outputs = []
         with tqdm(total=total_steps, desc="generate", unit="step", disable=None if show is None else not show,
                   leave=False) as bar, self._own_slots():
-            for batch in batches:
-                pasts = None if past is None else [past[r.index] for r in batch]
-                outputs.extend((yield from self._run_batch(batch, n, timer, bar, use_prefix_cache, stream, pasts)))
+            if self.continuous_batching and past is None and len(batches) > 1:
+                outputs, batch_count = yield from self._run_continuous(requests, n, timer, bar, use_prefix_cache,
+                                                                       stream)
+            else:
+                batch_count = len(batches)
+                for batch in batches:
+                    pasts = None if past is None else [past[r.index] for r in batch]
+                    outputs.extend((yield from self._run_batch(batch, n, timer, bar, use_prefix_cache, stream,
+                                                               pasts)))
         timings = timer.totals()
         timings["total"] = time.perf_counter() - began
         generated = sum(len(c.token_ids) for out in outputs for c in out.completions)
@@ -421,7 +432,7 @@ class Engine:
             extra["prefix_cache"] = {k: after - stats_before.get(k, 0)
                                      for k, after in self.prefix_cache.stats.as_dict().items()}
             extra["prefix_cache"].update(bytes_held=self.prefix_cache.bytes_held, blocks=len(self.prefix_cache))
-        return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, len(batches),
+        return GenerationResult(outputs, timings, sum(len(r.prompt) for r in requests), generated, batch_count,
                                 extra)
 
     def _requests(self, prompts, n: int, sampling) -> list[_Request]:
@@ -506,21 +517,8 @@ class Engine:
         if graph is not None:
             cache.sync_slot()
         for step in range(max_new):
-            with timer.stage("sampling"):
-                ban = banned if banned is not None and step < ban_steps else None
-                if ban is not None:
-                    ban = ban & torch.tensor([step < c.params.min_tokens for c in candidates], device=device)[:, None]
-                drawn = sample(logits, knobs, step, banned=ban)
-                tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()
-                tops = _top_dicts(drawn)
-            events = []
-            with timer.stage("detokenize"):  # host side: stop tokens and strings, incremental text
-                for row, cand in enumerate(candidates):
-                    if cand.finish_reason is None:
-                        text = cand.push(tokens[row], logprobs[row], tops[row] if tops else None)
-                        if stream:
-                            events.append(StreamEvent(cand.request, cand.index, tokens[row], text, logprobs[row],
-                                                      cand.finish_reason))
+            drawn, events = self._draw(logits, knobs, candidates, step, banned if step < ban_steps else None,
+                                       timer, stream)
             yield from events  # outside the stages: the consumer's time is not the engine's
             bar.update(1)
             if all(c.finish_reason is not None for c in candidates):
@@ -534,6 +532,86 @@ class Engine:
                     logits = self.model.run(step, input_ids=drawn.tokens[:, None]).logits[:, -1]  # (B, V)
         return [RequestOutput(r.prompt, r.seed, [c.result() for c in candidates[i * n:(i + 1) * n]])
                 for i, r in enumerate(requests)]
+
+    def _draw(self, logits: torch.Tensor, knobs: RowKnobs, candidates: list[_Candidate], step, banned, timer,
+              stream: bool):
+        """Sample one token per row (`step`: the draw index, one int or (B,) per row) and push it to each
+        unfinished candidate; returns the draw and the StreamEvents when `stream`."""
+        with timer.stage("sampling"):
+            if banned is not None:
+                steps = [len(c.tokens) for c in candidates]
+                banning = torch.tensor([s < c.params.min_tokens for s, c in zip(steps, candidates)],
+                                       device=logits.device)  # (B,)
+                banned = banned & banning[:, None]
+            drawn = sample(logits, knobs, step, banned=banned)
+            tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()
+            tops = _top_dicts(drawn)
+        events = []
+        with timer.stage("detokenize"):  # host side: stop tokens and strings, incremental text
+            for row, cand in enumerate(candidates):
+                if cand.finish_reason is None:
+                    text = cand.push(tokens[row], logprobs[row], tops[row] if tops else None)
+                    if stream:
+                        events.append(StreamEvent(cand.request, cand.index, tokens[row], text, logprobs[row],
+                                                  cand.finish_reason))
+        return drawn, events
+
+    def _run_continuous(self, requests: list[_Request], n: int, timer: StageTimer, bar, use_cache: bool,
+                        stream: bool):
+        """Decode every request with continuous batching: up to max_batch_size // n prompt groups decode at
+        once; when all candidates of a group are done its rows leave the batch and waiting requests are
+        prefilled into their place (rows re-formed by `regroup`), so short groups do not wait for long ones.
+        Each candidate draws with its own step count, so it gets the tokens of a static batch. Decodes
+        eagerly (the batch shape changes). Yields StreamEvents when `stream`; returns outputs in request order
+        and the number of prefills."""
+        device, vocab, groups = self.device, self.model.config.vocab_size, max(1, self.max_batch_size // n)
+        waiting, active, done, prefills = list(requests), [], {}, 0
+        cache = logits = None
+        versions = self.versions
+        while waiting or active:
+            kept = [i for i, (_, cands) in enumerate(active) if any(c.finish_reason is None for c in cands)]
+            for i, (request, cands) in enumerate(active):
+                if i not in kept:
+                    done[request.index] = RequestOutput(request.prompt, request.seed, [c.result() for c in cands])
+            admitted, waiting = waiting[:groups - len(kept)], waiting[groups - len(kept):]
+            if len(kept) < len(active) or admitted:  # re-form the batch: kept rows, then the admitted groups
+                sources = [(cache, i * n + j) for i in kept for j in range(n)]
+                rows = [logits[i * n:(i + 1) * n] for i in kept]
+                if admitted:
+                    with timer.stage("prefill"):
+                        fresh, first = prefill(self.model, [r.prompt for r in admitted], n,
+                                               max(r.params.max_tokens for r in admitted), self._pad_id,
+                                               self._fresh_cache, versions, self.prefix_cache if use_cache else None,
+                                               share_prompt=self.share_prompt_kv)
+                    prefills += 1
+                    sources += [(fresh, row) for row in range(fresh.batch)]
+                    rows.append(first.repeat_interleave(n, dim=0))  # (P*n, V)
+                active = [active[i] for i in kept] + [
+                    (r, [_Candidate(r.index, j, r.params, r.stop_ids, self.tokenizer, stream) for j in range(n)])
+                    for r in admitted]
+                if not active:
+                    break
+                if kept:  # rows of the old cache stay: copy them (and any admitted rows) into one new cache
+                    with timer.stage("prefill"):
+                        extra = max(c.params.max_tokens - len(c.tokens) for _, cands in active for c in cands)
+                        cache = regroup(sources, extra, self._fresh_cache)
+                else:  # only admitted groups: their prefill cache is the batch's
+                    cache = fresh
+                logits = torch.cat(rows)  # (B, V)
+                candidates = [c for _, cands in active for c in cands]
+                knobs = RowKnobs.build([(c.params, candidate_seed(r.seed, c.index)) for r, cands in active
+                                        for c in cands], device)
+                banned = self._min_token_bans(candidates, vocab, device)
+            steps = torch.tensor([len(c.tokens) for c in candidates], device=device)  # (B,) each row's draw index
+            drawn, events = self._draw(logits, knobs, candidates, steps, banned, timer, stream)
+            yield from events
+            bar.update(1)
+            if all(c.finish_reason is not None for c in candidates):
+                continue  # the loop's top collects the finished groups
+            with timer.stage("decode"):
+                step = append_step(cache, cache.batch, 1, logits="last")
+                logits = self.model.run(step, input_ids=drawn.tokens[:, None]).logits[:, -1]  # (B, V)
+        return [done[r.index] for r in requests], prefills
 
     @staticmethod
     def _min_token_bans(candidates: list[_Candidate], vocab: int, device) -> torch.Tensor | None:

@@ -111,8 +111,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def uniform_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), float64 (B, V), a pure function of (seed, step, token id)."""
+def uniform_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), float64 (B, V), a pure function of (seed, step, token id); `step` is one int or
+    one per row (B,)."""
     lo, hi = seeds & _M32, (seeds >> 32) & _M32  # (B,)
     row = _mix32(_mix32(lo) ^ hi)
     row = _mix32(row ^ ((step * 0x9E3779B9) & _M32))  # (B,)
@@ -158,8 +159,10 @@ class SampleBatch:
     top_logprobs: torch.Tensor | None = None
 
 
-def sample(logits: torch.Tensor, knobs: RowKnobs, step: int, banned: torch.Tensor | None = None) -> SampleBatch:
-    """Draw one token per row from logits (B, V) with the rows' knobs at decode step `step`.
+def sample(logits: torch.Tensor, knobs: RowKnobs, step: int | torch.Tensor,
+           banned: torch.Tensor | None = None) -> SampleBatch:
+    """Draw one token per row from logits (B, V) with the rows' knobs at decode step `step` (one int, or (B,)
+    per row: each row's own draw index).
 
     `banned` (B, V) marks tokens a row may not draw (e.g. stop tokens before min_tokens), greedy rows included.
     Returned logprobs are the model's (log-softmax of the raw logits), not of the filtered distribution.

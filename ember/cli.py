@@ -13,6 +13,7 @@
   ember bench rl_round --out reports/bench/rl_round_cpu.json   one RL round: rollout and training tokens/s
   ember bench prompt_kv --out reports/bench/prompt_kv_cpu.json prompt K/V once per prompt vs per candidate
   ember bench long_tail --out reports/bench/long_tail_cpu.json long-tail lengths, with/without continuous batching
+  ember bench pipeline --devices cuda:0,cuda:1                 layers split over two GPUs vs one (split x micro-batches)
   ember kvwire inspect FILE [--json]              header, shapes, section sizes, checksum of a KVWire blob
   ember generate --model tiny-qwen3 --prompt 'Hello' [--n 2] [--jsonl]   stream a generation as it is produced
   ember eval recall --model qwen2.5-0.5b-instruct --facts 5,10,20   recall accuracy (JSON)
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=_nbcheck)
     p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
-    p.add_argument("which", choices=["generate", "kvwire", "rl_round", "prompt_kv", "long_tail"], help="which benchmark")
+    p.add_argument("which", choices=["generate", "kvwire", "rl_round", "prompt_kv", "long_tail", "pipeline"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     kv = sub.add_parser("kvwire", help="KVWire blob tools").add_subparsers(dest="kvwire_command", required=True)

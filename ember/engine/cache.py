@@ -99,16 +99,7 @@ class KVCache:
                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`write` at slots [start, end) (within capacity)."""
         cache_k, cache_v = self.layer(index)
-        rows = k.shape[0]
-        group = self._group(rows)
-        if group == 1:
-            cache_k[:, :, start:end] = k
-            cache_v[:, :, start:end] = v
-            return cache_k[:, :, :end], cache_v[:, :, :end]
-        shape = (rows, group) + cache_k.shape[1:]  # (b, g, H, S, D)
-        cache_k.view(shape)[:, :, :, start:end] = k.unsqueeze(1)
-        cache_v.view(shape)[:, :, :, start:end] = v.unsqueeze(1)
-        return cache_k.view(shape)[:, 0, :, :end], cache_v.view(shape)[:, 0, :, :end]
+        return write_rows(cache_k, cache_v, start, end, k, v)
 
     def attention_at(self, slot: int | None):
         """The attention a step writing at `slot` (None: the fixed-shape decode step) runs instead of attention
@@ -203,7 +194,7 @@ class KVCache:
         if layer_valid is not None and (layer_valid.dtype != torch.bool or tuple(layer_valid.shape) != expected):
             raise GenerationError(f"layer_valid: expected a bool tensor of shape (L, m) = {expected}, found "
                                   f"{layer_valid.dtype} of shape {tuple(layer_valid.shape)}")
-        self.storage[:, :, rows, :, start:start + tokens] = kv[:, :, None].to(self.storage.dtype)
+        self._store(rows, start, kv)
         self.key_valid[rows, start:start + tokens] = True
         self.next_position[rows] = next_position
         if layer_valid is not None and self.layer_valid is None:
@@ -221,6 +212,29 @@ class KVCache:
         self.length = slot
         self.has_padding = self.has_padding or not bool(self.key_valid[:, :slot].all())
 
+    def _store(self, rows: slice, start: int, kv: torch.Tensor) -> None:
+        """`load`'s copy of K/V (L, 2, H, m, D) into `rows` at slots [start, start+m)."""
+        self.storage[:, :, rows, :, start:start + kv.shape[3]] = kv[:, :, None].to(self.storage)
+
     def read(self, row: int, slots: torch.Tensor) -> torch.Tensor:
         """K/V of one row at the given slots: (L, 2, H, len(slots), D)."""
         return self.storage[:, :, row].index_select(3, slots.to(self.storage.device))
+
+
+def write_rows(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, end: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store k, v (b, H, T, D) into the cache rows cache_k, cache_v (B', H, S, D) at slots [start, end), each
+    input row into its group of B'/b consecutive rows; returns the K, V (b, H, end, D) read from the first
+    row of each group."""
+    rows, total = k.shape[0], cache_k.shape[0]
+    if rows < 1 or total % rows:
+        raise GenerationError(f"forward batch {rows} does not divide cache batch {total}")
+    group = total // rows
+    if group == 1:
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        return cache_k[:, :, :end], cache_v[:, :, :end]
+    shape = (rows, group) + cache_k.shape[1:]  # (b, g, H, S, D)
+    cache_k.view(shape)[:, :, :, start:end] = k.unsqueeze(1)
+    cache_v.view(shape)[:, :, :, start:end] = v.unsqueeze(1)
+    return cache_k.view(shape)[:, 0, :, :end], cache_v.view(shape)[:, 0, :, :end]

@@ -16,10 +16,11 @@ from tqdm import tqdm
 from ember.engine.cache import KVCache
 from ember.engine.cuda_graph import DecodeGraph
 from ember.engine.past import PastKV
+from ember.engine.pipeline import PipelineModel
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
 from ember.engine.regroup import regroup
-from ember.engine.shared_cache import make_cache
+from ember.engine.shared_cache import cache_maker
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
 from ember.engine.steps import append_step
 from ember.engine.stop_strings import StopText, special_stop_ids
@@ -321,10 +322,10 @@ class Engine:
         return self.model.output_weight.dtype
 
     def _fresh_cache(self, batch: int, capacity: int, group: int = 1, prompt_slots: int = 0) -> KVCache:
-        return make_cache(self.model.config, batch, capacity, self.dtype, self.device, group, prompt_slots)
+        return cache_maker(self.model)(batch, capacity, group, prompt_slots)
 
     def _graphs_on(self) -> bool:
-        return self.cuda_graphs and self.device.type == "cuda"
+        return self.cuda_graphs and self.device.type == "cuda" and not isinstance(self.model, PipelineModel)
 
     def _graph_key(self, cache: KVCache) -> tuple:
         return cache.layout, id(self._slots) if self.active_adapter is not None else None

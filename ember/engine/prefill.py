@@ -21,6 +21,7 @@ import torch
 from ember.engine.cache import KVCache
 from ember.engine.past import PastKV
 from ember.engine.prefix_cache import PrefixCache, PrefixMatch
+from ember.engine.shared_cache import cache_maker
 from ember.engine.steps import append_step
 from ember.errors import GenerationError
 from ember.models.versions import LayerVersions
@@ -130,7 +131,5 @@ def warm_shared_prefixes(model, prompts: list[list[int]], pad_id: int, prefix_ca
             targets[chain[deepest]] = prompt[:(deepest + 1) * size]
     todo = [p for p in targets.values() if prefix_cache.cached_tokens(p, versions) < len(p)]
     if todo:
-        fresh = lambda batch, capacity: KVCache(model.config, batch, capacity, model.output_weight.dtype,  # noqa: E731
-                                                model.output_weight.device)
-        _prefill(model, todo, 1, 0, pad_id, fresh, versions, prefix_cache)
+        _prefill(model, todo, 1, 0, pad_id, cache_maker(model), versions, prefix_cache)
     return len(todo)

@@ -180,3 +180,14 @@ def make_cache(config, batch: int, capacity: int, dtype: torch.dtype, device, gr
     if prompt_slots:
         return SharedPromptCache(config, batch, group, prompt_slots, capacity, dtype, device)
     return KVCache(config, batch, capacity, dtype, device)
+
+
+def cache_maker(model):
+    """`new_cache(batch, capacity, group=1, prompt_slots=0)` for a model's caches: its own `make_cache` (a model
+    split over devices places each stage's K/V), else `make_cache` on its output head's dtype and device."""
+    if hasattr(model, "make_cache"):
+        return lambda batch, capacity, group=1, prompt_slots=0: model.make_cache(
+            batch, capacity, model.output_weight.dtype, group, prompt_slots)
+    weight = model.output_weight
+    return lambda batch, capacity, group=1, prompt_slots=0: make_cache(
+        model.config, batch, capacity, weight.dtype, weight.device, group, prompt_slots)

@@ -5,6 +5,8 @@
 #                                     STALE=1 also renders a run of unknown git SHA, marked stale
 #   make stamp                    write the git SHA into .ember-sha before shipping the tree to a GPU machine
 #   make test                     pytest + nbval (smoke profile)
+#   make fig8 PROFILE=paper RAY=auto  the grid's cells as Ray tasks (RAY=auto | local:N | an address; `.[ray]`)
+#   make test-ray                 the Ray fan-out on a local two-worker cluster (installs the ray extra)
 #   make paper [STRICT=1]         paper/main.pdf from figures/ and paper/generated/ (STRICT=1: fail on missing)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,14 +17,15 @@ P ?=
 REUSE ?=
 STALE ?=
 STRICT ?=
+RAY ?=
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig8 tab1 tab2 tab3
 TEST_OUT := $(CURDIR)/.test-out
 
-.PHONY: setup all test bench lab clean help targets models stamp paper llama-cpp $(FIGURES)
+.PHONY: setup all test test-ray bench lab clean help targets models stamp paper llama-cpp $(FIGURES)
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup all $(FIGURES) paper models stamp test bench llama-cpp lab clean"
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup all $(FIGURES) paper models stamp test test-ray bench llama-cpp lab clean"
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +40,8 @@ all: $(FIGURES)
 
 # One rule for every figure/table: add the target's name to FIGURES.
 $(FIGURES): setup
-	$(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse) $(if $(STALE),--allow-stale)
+	$(if $(RAY),EMBER_RAY=$(RAY)) $(PY) -m ember.cli figure $@ --profile $(PROFILE) --set "$(P)" $(if $(REUSE),--reuse) \
+		$(if $(STALE),--allow-stale)
 
 # paper/main.pdf from figures/ and paper/generated/ (LaTeX installed from Debian packages when missing);
 # STRICT=1 fails while a figure, table or macro is missing, naming them
@@ -52,6 +56,10 @@ models: setup
 
 stamp: setup
 	$(PY) -m ember.cli stamp
+
+test-ray: setup
+	$(PY) -m pip install --quiet -e '.[ray]'
+	$(PY) -m pytest tests/test_ray.py -p no:cacheprovider
 
 test: setup
 	rm -rf $(TEST_OUT)

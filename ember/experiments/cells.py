@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ember.errors import ReportError
+from ember.experiments.fan_out import CellDone, fan_out, only_cell, ray_address, worker_name
+from ember.experiments.workloads import resolve_device
 from ember.report import atomic_write, report_dir
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -35,13 +38,17 @@ class CellStore:
 
     `per_cell` names params that each cell's name spells out itself (e.g. the caps of a sweep): they are left
     out of the run's key, so a sweep grown by one cap reuses the cells it already has. `force` recomputes
-    (and overwrites) every cell."""
+    (and overwrites) every cell. `run_params` (default `params`) is what a Ray worker re-runs, with its class's
+    module's `run`; `fan_out` False keeps a grid serial even with EMBER_RAY (cells timed against each other)."""
 
-    def __init__(self, params, time_budget_s: float = 0.0, per_cell: tuple[str, ...] = (), force: bool = False):
+    def __init__(self, params, time_budget_s: float = 0.0, per_cell: tuple[str, ...] = (), force: bool = False,
+                 run_params=None, fan_out: bool = True):
         skip = {"time_budget_s", "force", *per_cell}  # not results, or in the cell's own name
         fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
         values = json.dumps({"params": fields, "code": code_hash()}, sort_keys=True, default=str)
-        self.force = force
+        self.force, self.fan_out = force, fan_out
+        self.run_params = params if run_params is None else run_params  # what a Ray worker re-runs (its module's)
+        self.fanned: set[str] = set()  # cells Ray workers computed for this run (loaded even when forced)
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
         self.folder = report_dir(params.target) / "cells"
         self.target, self.budget, self.began = params.target, time_budget_s, time.perf_counter()
@@ -66,11 +73,11 @@ class CellStore:
     def load(self, cell: str) -> pd.DataFrame | None:
         """The rows of a finished cell, or None (always None when forced)."""
         path = self._path(cell)
-        return pd.read_csv(path) if path.exists() and not self.force else None
+        return pd.read_csv(path) if path.exists() and (not self.force or cell in self.fanned) else None
 
     def missing(self, cells) -> list[str]:
         """The cells among `cells` that are not finished (all of them when forced)."""
-        return [cell for cell in cells if self.force or not self._path(cell).exists()]
+        return [cell for cell in cells if (self.force and cell not in self.fanned) or not self._path(cell).exists()]
 
     def save(self, cell: str, df: pd.DataFrame) -> None:
         """Store a finished cell's rows (atomically)."""
@@ -78,17 +85,36 @@ class CellStore:
 
     def run(self, cells: dict[str, Callable[[], pd.DataFrame]], progress: bool | None = None) -> pd.DataFrame:
         """Every cell's rows, in order, as stored (so a fresh and a resumed run give the same frame): loaded
-        when stored, else computed and stored; after each cell the time budget is checked."""
+        when stored, else computed and stored; after each cell the time budget is checked. With EMBER_RAY the
+        missing cells are computed by Ray workers first (`ember.experiments.fan_out`); in such a worker only
+        its one cell is computed, then the run stops (CellDone)."""
+        only = only_cell()
+        if only is None and self.fan_out and ray_address():
+            missing = self.missing(list(cells))
+            if missing:
+                device = resolve_device(getattr(self.run_params, "device", "cpu"))
+                fan_out(self.run_params, missing, gpu=torch.device(device).type == "cuda", progress=progress)
+                self.fanned.update(missing)
         frames = []
         for done, (cell, compute) in enumerate(tqdm(cells.items(), desc=self.target,
                                                      disable=None if progress is None else not progress)):
+            if only is not None and cell != only:  # a worker keeps the stored cells before its own, no others
+                frame = self.load(cell)
+                if frame is not None:
+                    frames.append(frame)
+                continue
             frame = self.load(cell)
             if frame is None:
-                self.save(cell, compute())
+                rows = compute()
+                if only is not None:
+                    rows["worker"] = worker_name()
+                self.save(cell, rows)
                 self.computed += 1
                 frame = pd.read_csv(self._path(cell))  # as stored: a resumed run reads the same frame
+            if only is not None:
+                raise CellDone(cell)
             frames.append(frame)
             if done + 1 < len(cells) and self.should_stop():
                 raise ReportError(f"{self.target}: {done + 1} of {len(cells)} cells finished within time_budget_s="
                                   f"{self.budget:g}; they are stored in {self.folder}: run again to continue")
-        return pd.concat(frames, ignore_index=True)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # (empty: a worker's other cells)

@@ -118,7 +118,7 @@ def rl_store(params: RLParams) -> CellStore:
     trainer's run under a policy that one experiment made is reused by the other instead of run again."""
     own = {field.name: getattr(params, field.name) for field in dataclasses.fields(RLParams)}
     keyed = RLParams(**{**own, "target": RL_RUNS, "profile": "", "device": resolve_device(params.device)})
-    return CellStore(keyed, params.time_budget_s)
+    return CellStore(keyed, params.time_budget_s, run_params=params)
 
 
 def rl_cells(engine, params: RLParams, store: CellStore, runs, task, held_out, progress=None) -> dict:

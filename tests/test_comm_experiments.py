@@ -104,3 +104,8 @@ def test_a_time_budget_stops_fig7_between_cells_and_the_run_resumes_to_the_same_
     assert len(list((out_root / "pieces" / "reports" / "fig7" / "cells").glob(f"{provenance['run_key']}-*.csv"))) == 5
     timing = [c for c in clean.columns if c.endswith("_ms")]
     pd.testing.assert_frame_equal(clean.drop(columns=timing), resumed.drop(columns=timing))
+
+
+def test_force_with_a_time_budget_is_refused_instead_of_never_finishing():
+    with pytest.raises(ReportError, match="force with time_budget_s=5 would recompute"):
+        budget_curves.run(load_params("fig7", "smoke", "items=1 force=true time_budget_s=5"), progress=False)

@@ -106,3 +106,15 @@ def test_regroup_moves_rows_with_their_keys_and_positions():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(GenerationError, match="at least one row"):
         regroup([], 4, fresh)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_each_candidate_gets_as_many_top_logprobs_as_it_asked_for(continuous):
+    loaded = load("tiny-qwen2")
+    asked = [1, 1, 5, 0, 2, 1, 3, 1]
+    sampling = [SamplingParams(temperature=0.7, max_tokens=4 + 3 * i, seed=i, logprobs=k) for i, k in enumerate(asked)]
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=4, prefix_cache=False,
+                    continuous_batching=continuous)
+    for k, out in zip(asked, engine.generate(PROMPTS, n=2, sampling=sampling).outputs):
+        for c in out.completions:
+            assert (c.top_logprobs is None) if k == 0 else all(len(top) == k for top in c.top_logprobs)

@@ -162,3 +162,11 @@ def test_context_transfer_across_tokenizers_sends_one_sharer_token_per_receiver_
     rows = harness.run(["kv:front:fp16"], [None])
     for row, item in zip(rows, items):
         assert row["tokens_sent"] == len(tiny.tokenizer.encode(item.context))
+
+
+def test_a_sharer_of_another_tokenizer_needs_a_projector_even_at_the_same_cache_shape(tiny, other_family):
+    same_shape = Engine(random_model(preset_config("tiny-qwen2", vocab_size=other_family.tokenizer.vocab_size),
+                                     torch.float32, torch.device("cpu"), 9), other_family.tokenizer, prefix_cache=False)
+    harness = Harness(tiny, same_shape, comm_items("recall", 1, 0, facts=2), max_tokens=2, progress=False)
+    with pytest.raises(CommError, match="one tokenizer on both sides"):
+        harness.run(["kv:front:fp16"], [None])

@@ -92,3 +92,13 @@ def sharer_parts(receiver_tok, sharer_tok, context: str, question: str) -> Promp
         return theirs
     aligned, _ = align_content(receiver_tok, sharer_tok, mine)
     return PromptParts(theirs.head, aligned, theirs.tail)
+
+
+PROBE = "The code for Alice is 4821. Héllo wörld, naïve café!"
+
+
+def same_tokenizer(receiver_tok, sharer_tok) -> bool:
+    """Whether two tokenizers give the same ids (same vocabulary size, same ids for a probe text): K/V then
+    moves between the models without alignment."""
+    return (receiver_tok is sharer_tok or (receiver_tok.vocab_size == sharer_tok.vocab_size
+                                           and receiver_tok.encode(PROBE) == sharer_tok.encode(PROBE)))

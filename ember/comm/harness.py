@@ -102,6 +102,9 @@ class Harness:
         elif mine != theirs:
             raise CommError("context transfer without a projector needs the sharer's cache shape (layers, KV heads, "
                             f"head dim) to match the receiver's: expected {mine}, found {theirs}")
+        elif not self.messages.one_tokenizer:
+            raise CommError("context transfer without a projector needs one tokenizer on both sides: the sharer's "
+                            "tokenizer differs from the receiver's (its K/V is of other tokens); pass a projector")
 
     def _hints(self) -> None:
         todo = [s for s in self.samples if s.hint is None]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ember.comm.align import sharer_parts
+from ember.comm.align import same_tokenizer, sharer_parts
 from ember.comm.items import CommItem
 from ember.comm.layer_baselines import (KVCommMethod, QKVCommMethod, attention_mass, encode_kvcomm, encode_qkvcomm,
                                         layer_scores)
@@ -64,6 +64,8 @@ class SharerSide:
         self.receiver_tokenizer = receiver_tokenizer or sharer.tokenizer  # the context's tokens are the receiver's
         self.calibration = list(calibration)
         self.cache_shape = cache_shape(sharer)
+        self.one_tokenizer = same_tokenizer(self.receiver_tokenizer, sharer.tokenizer)  # no projector needed if
+        # the cache shapes match too
         self._kv: dict[str, tuple[torch.Tensor, int, float]] = {}
         self._layer_scores = None
 
@@ -132,7 +134,7 @@ class StoredMessages:
         self.folder, self.source = Path(folder), source
         info_path = self.folder / "source.json"
         if source is not None:
-            info = {"cache_shape": list(source.cache_shape)}
+            info = {"cache_shape": list(source.cache_shape), "one_tokenizer": source.one_tokenizer}
             if info_path.exists() and json.loads(info_path.read_text()) != info:
                 raise CommError(f"{info_path}: blobs of another sharer are stored here (expected {info}, found "
                                 f"{info_path.read_text().strip()})")
@@ -140,7 +142,8 @@ class StoredMessages:
         elif not info_path.exists():
             raise CommError(f"{self.folder}: expected stored messages (source.json), found none; run the sharer "
                             f"pass first")
-        self.cache_shape = tuple(json.loads(info_path.read_text())["cache_shape"])
+        info = json.loads(info_path.read_text())
+        self.cache_shape, self.one_tokenizer = tuple(info["cache_shape"]), info.get("one_tokenizer", True)
 
     def blob_path(self, item: CommItem, method: KVMethod | KVCommMethod | QKVCommMethod, cap: int | None) -> Path:
         """The stable file name of one message."""

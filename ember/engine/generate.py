@@ -107,8 +107,8 @@ class _Candidate:
         """Record a drawn token and decide whether the candidate finished; returns the text it released."""
         self.tokens.append(token)
         self.logprobs.append(logprob)
-        if top is not None:
-            self.top.append(top)
+        if top is not None:  # the batch's widest request decides how many were drawn: keep this one's own
+            self.top.append(dict(list(top.items())[:self.params.logprobs]))
         steps, params = len(self.tokens), self.params
         armed = steps > params.min_tokens
         if self.text is not None and self.text.push(token, search=armed):
@@ -156,7 +156,8 @@ class Engine:
         prompt's K/V once for all of them (`SharedPromptCache`) instead of once per candidate.
         `continuous_batching`: when the requests need more than one batch, a prompt group whose candidates are
         all done leaves the batch and a waiting request takes its rows (`_run_continuous`), instead of every
-        batch decoding to its longest row; such calls decode without CUDA graphs and without pasts."""
+        batch decoding to its longest row; such calls decode without CUDA graphs and without pasts, and a
+        re-formed batch is a dense cache (a prompt's K/V stored once per candidate again)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -598,6 +599,7 @@ class Engine:
                         cache = regroup(sources, extra, self._fresh_cache)
                 else:  # only admitted groups: their prefill cache is the batch's
                     cache = fresh
+                    cache.start_decode()
                 logits = torch.cat(rows)  # (B, V)
                 candidates = [c for _, cands in active for c in cands]
                 knobs = RowKnobs.build([(c.params, candidate_seed(r.seed, c.index)) for r, cands in active

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ember.comm.align import same_tokenizer
 from ember.comm.data import EVAL_TASKS, check_disjoint, eval_examples, training_examples, transfer_training_items
 from ember.comm.fusion_harness import FUSION_CAP_FREE, FUSION_METHODS, FusionHarness
 from ember.comm.harness import CAP_FREE, TEXT_METHODS, Harness, method_grid, parse_method
@@ -105,7 +107,9 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         items = comm_items(params.task, params.items, params.seed, facts=params.facts,
                            context_tokens=params.context_tokens, count_tokens=count)
         projector = None
-        if cache_shape(receiver) != cache_shape(sharer) and any(m.startswith(("kv:", "rd:")) for m in params.methods):
+        other = cache_shape(receiver) != cache_shape(sharer) or not same_tokenizer(receiver.tokenizer,
+                                                                                    sharer.tokenizer)
+        if other and any(m.startswith(("kv:", "rd:")) for m in params.methods):
             projector, projector_info = trained_module(params, receiver, sharer, "projector", progress)
             check_disjoint(projector_info.pop("train_ids"), [item.item_id for item in items])
             provenance["projector"] = projector_info
@@ -120,8 +124,10 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
         lora = Path(params.fuser) / "lora" if params.fuser and (Path(params.fuser) / "lora").is_dir() else None
         harness = FusionHarness(receiver, sharer, fuser, examples, scorers, score, params.max_tokens,
                                 params.hint_max_tokens, params.batch_size, params.seed, progress, lora=lora)
-    keyed = dataclasses.replace(params, device=device)  # cells of a CPU and a GPU run never mix
-    store = CellStore(keyed, params.time_budget_s, per_cell=("methods", "caps", "full"), force=params.force)
+    resolved = dataclasses.replace(params, device=device)  # cells of a CPU and a GPU run never mix
+    keyed = dataclasses.replace(resolved, fuser=folder_digest(params.fuser), projector=folder_digest(params.projector))
+    store = CellStore(keyed, params.time_budget_s, per_cell=("methods", "caps", "full"), force=params.force,
+                      run_params=resolved)
     cap_free = CAP_FREE if params.mode == "context_transfer" else FUSION_CAP_FREE
     cells = {f"{method}@{cap}": (lambda m=method, c=cap: pd.DataFrame(harness.run([m], [c])))
              for method, cap in method_grid(list(params.methods), caps, cap_free)}
@@ -129,6 +135,16 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     df["pair"] = params.pair
     return df, {**provenance, "run_key": store.run_key}
 
+
+
+def folder_digest(folder: str) -> str:
+    """A trained module's folder with a digest of its manifest, so cells of a module retrained into the same
+    folder are not reused ("" stays "")."""
+    if not folder:
+        return ""
+    manifest = Path(folder) / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.exists() else "none"
+    return f"{folder}@{digest}"
 
 
 def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tuple:
@@ -141,7 +157,7 @@ def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tup
         info = {k: manifest.get(k) for k in ("pair", "hidden", "steps_done", "train_seconds", "git", "device")}
         return module, {"folder": folder, **info, "train_ids": train_ids}
     if not params.fuser_steps:
-        raise ParamsError(f"Params.{kind}: the sharer's cache differs in shape from the receiver's; expected a "
+        raise ParamsError(f"Params.{kind}: the sharer's cache differs in shape or tokens from the receiver's; expected a "
                           f"{kind} folder or fuser_steps > 0, found neither")
     if kind == "fuser":
         examples = training_examples(params.fuser_examples, params.seed, params.fuser_recall_share, params.facts)

@@ -43,6 +43,9 @@ class CellStore:
 
     def __init__(self, params, time_budget_s: float = 0.0, per_cell: tuple[str, ...] = (), force: bool = False,
                  run_params=None, fan_out: bool = True):
+        if force and time_budget_s > 0:
+            raise ReportError(f"{params.target}: force with time_budget_s={time_budget_s:g} would recompute the first "
+                              f"cells on every resumed run and never finish; expected one of them")
         skip = {"time_budget_s", "force", *per_cell}  # not results, or in the cell's own name
         fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
         values = json.dumps({"params": fields, "code": code_hash()}, sort_keys=True, default=str)

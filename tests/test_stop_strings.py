@@ -168,3 +168,15 @@ def test_stop_strings_count_only_when_they_complete_after_min_tokens(engine_char
     cand = engine_char.generate(["Hello"], sampling=SamplingParams(**base, stop=(stop,), min_tokens=20))
     cand = cand.outputs[0].completions[0]
     assert cand.finish_reason == "stop" and cand.text == full.text[:full.text.index(stop, early)]
+
+
+def test_a_stop_string_that_completed_before_min_tokens_does_not_cut_the_text_later():
+    """Passed over before min_tokens ("e" at 0 and 1), the first stop counted is the one completing after."""
+    from ember.engine.stop_strings import StopText
+
+    tokenizer = CharTokenizer()
+    stop = StopText(tokenizer, ("e", "a "))
+    ids = tokenizer.encode("eee")
+    assert not stop.push(ids[0], search=False) and not stop.push(ids[1], search=False)
+    assert stop.push(ids[2])
+    assert stop.text == "ee"

@@ -81,7 +81,13 @@ class StopText:
         text = self.decoder.text
         if search and self.stops and self.cut is None:
             begin = max(0, self._searched - self._longest + 1)
-            hits = [i for i in (text.find(s, begin) for s in self.stops) if i >= 0]
+            hits = []
+            for stop in self.stops:  # the first occurrence that completes in the new text (not one passed over)
+                i = text.find(stop, begin)
+                while i >= 0 and i + len(stop) <= self._searched:
+                    i = text.find(stop, i + 1)
+                if i >= 0:
+                    hits.append(i)
             if hits:
                 self.cut = min(hits)
         self._searched = len(text)

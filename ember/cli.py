@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=_nbcheck)
     p = sub.add_parser("bench", help="benchmarks (JSON output); `ember bench generate --help`")
-    p.add_argument("which", choices=["generate", "kvwire", "rl_round", "prompt_kv", "long_tail", "pipeline"], help="which benchmark")
+    p.add_argument("which", choices=["generate", "kvwire", "rl_round", "prompt_kv", "long_tail", "pipeline"],
+                   help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     kv = sub.add_parser("kvwire", help="KVWire blob tools").add_subparsers(dest="kvwire_command", required=True)

@@ -94,8 +94,8 @@ def test_a_time_budget_stops_fig7_between_cells_and_the_run_resumes_to_the_same_
     stops = 0
     while True:
         try:
-            resumed, provenance = budget_curves.run(load_params("fig7", "smoke", f"{overrides} time_budget_s=0.000000001"),
-                                                    progress=False)
+            pieces = load_params("fig7", "smoke", f"{overrides} time_budget_s=0.000000001")
+            resumed, provenance = budget_curves.run(pieces, progress=False)
             break
         except ReportError as error:
             stops += 1

@@ -53,7 +53,8 @@ def cache_shape(engine) -> tuple[int, int, int]:
 class SharerSide:
     """Messages computed with the sharer engine; K/V of an item is prefilled once and reused across methods
     and caps. With `receiver_tokenizer` of another family, the sharer reads the context aligned to it (one
-    token per receiver token, `sharer_parts`). `projector` (receiver-side module) feeds proj_vnorm scoring, computed on the sharer's side.
+    token per receiver token, `sharer_parts`). `projector` (receiver-side module) feeds proj_vnorm scoring,
+    computed on the sharer's side.
     `calibration` items (never evaluated ones) rank the layers of the KVComm-like method, once."""
 
     def __init__(self, sharer, projector=None, seed: int = 0, hint_max_tokens: int = 64,
@@ -64,8 +65,8 @@ class SharerSide:
         self.receiver_tokenizer = receiver_tokenizer or sharer.tokenizer  # the context's tokens are the receiver's
         self.calibration = list(calibration)
         self.cache_shape = cache_shape(sharer)
-        self.one_tokenizer = same_tokenizer(self.receiver_tokenizer, sharer.tokenizer)  # no projector needed if
-        # the cache shapes match too
+        # one tokenizer (and one cache shape): the K/V moves without a projector
+        self.one_tokenizer = same_tokenizer(self.receiver_tokenizer, sharer.tokenizer)
         self._kv: dict[str, tuple[torch.Tensor, int, float]] = {}
         self._layer_scores = None
 

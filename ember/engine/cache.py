@@ -69,9 +69,7 @@ class KVCache:
         return self.storage[index, 0], self.storage[index, 1]
 
     def _group(self, rows: int) -> int:
-        if rows < 1 or self.batch % rows:
-            raise GenerationError(f"forward batch {rows} does not divide cache batch {self.batch}")
-        return self.batch // rows
+        return group_of(rows, self.batch)
 
     def write(self, index: int, slots: int | torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +219,20 @@ class KVCache:
         return self.storage[:, :, row].index_select(3, slots.to(self.storage.device))
 
 
+def group_of(rows: int, batch: int) -> int:
+    """Cache rows per forward row when a forward over `rows` rows writes a cache of `batch` rows."""
+    if rows < 1 or batch % rows:
+        raise GenerationError(f"forward batch {rows} does not divide cache batch {batch}")
+    return batch // rows
+
+
 def write_rows(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, end: int, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Store k, v (b, H, T, D) into the cache rows cache_k, cache_v (B', H, S, D) at slots [start, end), each
     input row into its group of B'/b consecutive rows; returns the K, V (b, H, end, D) read from the first
     row of each group."""
-    rows, total = k.shape[0], cache_k.shape[0]
-    if rows < 1 or total % rows:
-        raise GenerationError(f"forward batch {rows} does not divide cache batch {total}")
-    group = total // rows
+    rows = k.shape[0]
+    group = group_of(rows, cache_k.shape[0])
     if group == 1:
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v

@@ -20,8 +20,8 @@ from ember.engine.pipeline import PipelineModel
 from ember.engine.prefill import prefill
 from ember.engine.prefix_cache import PrefixCache
 from ember.engine.regroup import regroup
-from ember.engine.shared_cache import cache_maker
 from ember.engine.sampling import RowKnobs, SamplingParams, candidate_seed, is_integer, sample
+from ember.engine.shared_cache import cache_maker
 from ember.engine.steps import append_step
 from ember.engine.stop_strings import StopText, special_stop_ids
 from ember.engine.stream import StreamEvent

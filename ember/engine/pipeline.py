@@ -63,7 +63,8 @@ class _RowView:
 
     def write(self, index: int, slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(slots, torch.Tensor):
-            raise GenerationError("pipeline micro-batches: expected a dynamic step (int slots), found a fixed-shape one")
+            raise GenerationError("pipeline micro-batches: expected a dynamic step (int slots), found a fixed-shape "
+                                  "one")
         cache_k, cache_v = self.cache.layer(index)
         end = slots + k.shape[2]
         return write_rows(cache_k[self.rows], cache_v[self.rows], slots, end, k, v)

@@ -7,9 +7,9 @@ a projector (`projector`: an exported folder, or trained in the run for `fuser_s
 
 from __future__ import annotations
 
-import math
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +136,6 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     return df, {**provenance, "run_key": store.run_key}
 
 
-
 def folder_digest(folder: str) -> str:
     """A trained module's folder with a digest of its manifest, so cells of a module retrained into the same
     folder are not reused ("" stays "")."""
@@ -157,8 +156,8 @@ def trained_module(params: Params, receiver, sharer, kind: str, progress) -> tup
         info = {k: manifest.get(k) for k in ("pair", "hidden", "steps_done", "train_seconds", "git", "device")}
         return module, {"folder": folder, **info, "train_ids": train_ids}
     if not params.fuser_steps:
-        raise ParamsError(f"Params.{kind}: the sharer's cache differs in shape or tokens from the receiver's; expected a "
-                          f"{kind} folder or fuser_steps > 0, found neither")
+        raise ParamsError(f"Params.{kind}: the sharer's cache differs in shape or tokens from the receiver's; "
+                          f"expected a {kind} folder or fuser_steps > 0, found neither")
     if kind == "fuser":
         examples = training_examples(params.fuser_examples, params.seed, params.fuser_recall_share, params.facts)
     else:

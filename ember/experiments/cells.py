@@ -39,17 +39,17 @@ class CellStore:
     `per_cell` names params that each cell's name spells out itself (e.g. the caps of a sweep): they are left
     out of the run's key, so a sweep grown by one cap reuses the cells it already has. `force` recomputes
     (and overwrites) every cell. `run_params` (default `params`) is what a Ray worker re-runs, with its class's
-    module's `run`; `fan_out` False keeps a grid serial even with EMBER_RAY (cells timed against each other)."""
+    module's `run`; `distribute` False keeps a grid serial even with EMBER_RAY (cells timed against each other)."""
 
     def __init__(self, params, time_budget_s: float = 0.0, per_cell: tuple[str, ...] = (), force: bool = False,
-                 run_params=None, fan_out: bool = True):
+                 run_params=None, distribute: bool = True):
         if force and time_budget_s > 0:
             raise ReportError(f"{params.target}: force with time_budget_s={time_budget_s:g} would recompute the first "
                               f"cells on every resumed run and never finish; expected one of them")
         skip = {"time_budget_s", "force", *per_cell}  # not results, or in the cell's own name
         fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
         values = json.dumps({"params": fields, "code": code_hash()}, sort_keys=True, default=str)
-        self.force, self.fan_out = force, fan_out
+        self.force, self.distribute = force, distribute
         self.run_params = params if run_params is None else run_params  # what a Ray worker re-runs (its module's)
         self.fanned: set[str] = set()  # cells Ray workers computed for this run (loaded even when forced)
         self.run_key = hashlib.sha256(values.encode()).hexdigest()[:12]
@@ -92,7 +92,7 @@ class CellStore:
         missing cells are computed by Ray workers first (`ember.experiments.fan_out`); in such a worker only
         its one cell is computed, then the run stops (CellDone)."""
         only = only_cell()
-        if only is None and self.fan_out and ray_address():
+        if only is None and self.distribute and ray_address():
             missing = self.missing(list(cells))
             if missing:
                 device = resolve_device(getattr(self.run_params, "device", "cpu"))

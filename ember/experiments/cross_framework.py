@@ -252,7 +252,7 @@ def run(params: Params, progress: bool | None = None) -> tuple[pd.DataFrame, dic
     device = resolve_device(params.device)
     machine = host(device)
     store = CellStore(dataclasses.replace(params, device=f"{device} on {machine}"), params.time_budget_s,
-                      fan_out=False)  # timings compared with each other: one machine, serial
+                      distribute=False)  # timings compared with each other: one machine, serial
     engine = Engine.load(params.model, dtype=params.dtype, device=device, seed=params.seed,
                          max_batch_size=params.rollout_prompts * params.rollout_candidates, prefix_cache=False,
                          progress=False)
